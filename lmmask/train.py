@@ -1,0 +1,364 @@
+"""Train state, the jitted steps, and the whole run (`train_and_evaluate`)."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmmask import checkpoint as ckpt
+from lmmask import losses, schedules
+from lmmask.batching import Batch
+from lmmask.data import pipeline, verbs
+from lmmask.model import Decoder, DecoderConfig, count_params
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray                 # int32 scalar: optimizer steps taken
+  params: Any                       # nnx.State of the model's nnx.Param variables
+  opt_state: Any                    # optax state
+  rng: jnp.ndarray                  # base PRNG key; step k uses fold_in(rng, k)
+  graphdef: Any = flax.struct.field(pytree_node=False)
+  tx: Any = flax.struct.field(pytree_node=False)
+  schedule: Any = flax.struct.field(pytree_node=False)
+  reduction: str = flax.struct.field(pytree_node=False, default="token_mean")
+  causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+  def model(self) -> Decoder:
+    return nnx.merge(self.graphdef, self.params)
+
+  def checkpoint_tree(self):
+    return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
+            "rng": self.rng}
+
+  def replace_from_tree(self, tree):
+    return self.replace(step=tree["step"], params=tree["params"],
+                        opt_state=tree["opt_state"], rng=tree["rng"])
+
+
+# ---------------------------------------------------------------------------
+# Config checks and construction.
+
+def validate_config(config) -> None:
+  """Clear errors for values that would otherwise fail deep inside a run."""
+  def need(cond, field, msg):
+    if not cond:
+      raise ValueError(f"config.{field}: {msg}")
+  d, m, o, t = config.data, config.model, config.optim, config.train
+  need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
+       f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
+  need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
+  for f in ("batch_size", "eval_batch_size", "length"):
+    need(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
+  need(d.length >= 2, "data.length", "must be >= 2 (an input and a target)")
+  need(m.max_len >= d.length - 1, "model.max_len",
+       f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
+  losses.check_reduction(config.loss.reduction)
+  need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+  need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+  need(o.decay_steps > o.warmup_steps, "optim.decay_steps",
+       f"{o.decay_steps} must exceed warmup_steps={o.warmup_steps}")
+  need(o.schedule in schedules.SCHEDULES, "optim.schedule",
+       f"unknown {o.schedule!r}; valid: {', '.join(schedules.SCHEDULES)}")
+  need(o.name in schedules.OPTIMIZERS, "optim.name",
+       f"unknown {o.name!r}; valid: {', '.join(schedules.OPTIMIZERS)}")
+  need(o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0, got {o.clip_norm}")
+  for f in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+    need(isinstance(t[f], int) and t[f] > 0, f"train.{f}", f"must be a positive int, got {t[f]!r}")
+
+
+def decoder_config(config, vocab_size: int) -> DecoderConfig:
+  m = dict(config.model)
+  m.pop("causal")
+  if m["vocab_size"] == -1:
+    m["vocab_size"] = vocab_size
+  elif m["vocab_size"] != vocab_size:
+    raise ValueError(f"config.model.vocab_size={m['vocab_size']} but the corpus vocabulary "
+                     f"has {vocab_size} tokens; set it to -1 or {vocab_size}")
+  return DecoderConfig.from_dict(m)
+
+
+def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
+  cfg = decoder_config(config, vocab_size)
+  init_rng, train_rng = jax.random.split(rng)
+  model = Decoder(cfg, rngs=nnx.Rngs(params=init_rng))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx, sched = schedules.make_optimizer(config.optim)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=train_rng, graphdef=graphdef, tx=tx, schedule=sched,
+                    reduction=losses.check_reduction(config.loss.reduction),
+                    causal=bool(config.model.causal))
+
+
+# ---------------------------------------------------------------------------
+# Steps (module-level; jit them at the call site, donating the state).
+
+def _forward(state: TrainState, params, batch: Batch, *, deterministic: bool, rng=None):
+  model = nnx.merge(state.graphdef, params)
+  rngs = None if deterministic else nnx.Rngs(dropout=rng)
+  return model(batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
+               segment_ids=batch.segment_ids, causal=state.causal,
+               deterministic=deterministic, rngs=rngs)
+
+
+def train_step(state: TrainState, batch: Batch):
+  """One optimizer step on `batch`; returns (new_state, metrics)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits = _forward(state, params, batch, deterministic=False, rng=rng)
+    return losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
+                                       reduction=state.reduction)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=optax.global_norm(grads),
+                 update_norm=optax.global_norm(updates), param_norm=optax.global_norm(params),
+                 real_tokens=batch.key_mask.sum())
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: Batch):
+  """Dropout-off metrics as sums (nll_sum, num_tokens, num_correct, ...)."""
+  logits = _forward(state, state.params, batch, deterministic=True)
+  _, metrics = losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
+                                           reduction="token_mean")
+  return metrics
+
+
+_eval_step_jit = jax.jit(eval_step)
+
+
+def evaluate(state: TrainState, batches) -> dict:
+  """Token-mean loss, PPL and accuracy over a list of batches (exact, from sums)."""
+  nll = tokens = correct = 0.0
+  for b in batches:
+    m = jax.device_get(_eval_step_jit(state, b))
+    nll += float(m["nll_sum"])
+    tokens += float(m["num_tokens"])
+    correct += float(m["num_correct"])
+  loss = nll / tokens if tokens else 0.0
+  return {"loss": loss, "ppl": math.exp(loss), "accuracy": correct / tokens if tokens else 0.0,
+          "num_tokens": tokens}
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+def load_verb_data(config):
+  corpus = verbs.build_corpus(config.data.split, include_lexicon=config.data.include_lexicon)
+  v = corpus.vocab
+  kw = dict(length=config.data.length, pad_id=v.pad_id, pad_side=config.data.pad_side)
+  return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
+
+
+def provenance() -> dict:
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    try:
+      return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                            timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  from importlib import metadata
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections"):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      versions[pkg] = None
+  return {"git_commit": git("rev-parse", "HEAD") or None,
+          "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+          "versions": versions, "python": platform.python_version(),
+          "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+          "device_count": jax.device_count(), "argv": sys.argv,
+          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def setup_jax_cache(path: str):
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class _Logger:
+  """JSONL + TensorBoard event files, appended across resumed runs."""
+
+  def __init__(self, workdir):
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    except ImportError:  # tensorboardX is a declared dependency; degrade, don't crash
+      self.tb = None
+
+  def write(self, step: int, kind: str, metrics: dict):
+    row = {"step": step, "kind": kind, **{k: float(v) for k, v in metrics.items()}}
+    self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+
+  def close(self):
+    self.jsonl.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+  return step % every == 0 or step == last
+
+
+def _summary(prefix, m):
+  return {f"{prefix}_loss": m["loss"], f"{prefix}_ppl": m["ppl"],
+          f"{prefix}_accuracy": m["accuracy"]}
+
+
+def build_eval_sets(config, train_split, val_split, pad_id):
+  bs = config.data.eval_batch_size
+  return {
+      "train": pipeline.eval_batches(train_split, batch_size=bs, pad_id=pad_id),
+      "val": pipeline.eval_batches(val_split, batch_size=bs, pad_id=pad_id),
+      "val_english": pipeline.eval_batches(val_split, batch_size=bs, pad_id=pad_id,
+                                           english_only=True),
+  }
+
+
+def run_evals(state, eval_sets) -> dict:
+  out = {}
+  for name, batches in eval_sets.items():
+    out.update(_summary(name, evaluate(state, batches)))
+  return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train (or resume) the experiment in `config` inside `workdir`; return results."""
+  validate_config(config)
+  setup_jax_cache(config.train.jax_cache_dir)
+  cfg_dict = ckpt.config_to_dict(config)
+  if os.path.exists(workdir) and not os.access(workdir, os.W_OK):
+    raise PermissionError(f"workdir {workdir} is not writable; choose another --workdir")
+  is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
+
+  corpus, train_split, val_split = load_verb_data(config)
+  pad_id = corpus.vocab.pad_id
+  state = create_train_state(config, jax.random.PRNGKey(config.seed),
+                             vocab_size=len(corpus.vocab))
+  eval_sets = build_eval_sets(config, train_split, val_split, pad_id)
+
+  os.makedirs(workdir, exist_ok=True)
+  if is_new:
+    ckpt.atomic_write_json(os.path.join(workdir, ckpt.CONFIG_FILE), cfg_dict)
+  ckpt.atomic_write_json(os.path.join(workdir, "provenance.json"), provenance())
+  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints)
+  best = ckpt.manager(workdir, ckpt.BEST_DIR, 1)
+  best_val = math.inf
+  if mngr.latest_step() is not None:
+    _, tree, meta = ckpt.restore(mngr, None, state.checkpoint_tree())
+    state = state.replace_from_tree(tree)
+    best_val = meta.get("best_val_loss", math.inf)
+    print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+
+  total = config.train.steps
+  meta = lambda: {"config": cfg_dict, "best_val_loss": best_val}  # noqa: E731
+  logger = _Logger(workdir)
+  step_fn = jax.jit(train_step, donate_argnums=0)
+  start = int(state.step)
+  bar = None
+  if config.train.progress_bar and start < total:
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, disable=None, dynamic_ncols=True, file=sys.stderr)
+  t0 = time.perf_counter()
+  window_t, window_tokens = time.perf_counter(), 0.0
+  steps_done = 0
+  try:
+    for step in range(start, total):
+      batch = pipeline.train_batch(train_split, step=step, batch_size=config.data.batch_size,
+                                   seed=config.seed, pad_id=pad_id)
+      state, metrics = step_fn(state, batch)
+      metrics = jax.device_get(metrics)
+      steps_done += 1
+      done = step + 1
+      if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+        raise FloatingPointError(
+            f"non-finite {'loss' if not np.isfinite(metrics['loss']) else 'gradient norm'} "
+            f"at step {done} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
+            f"the last good checkpoint is kept in {mngr.directory}. Lower optim.lr or "
+            f"check the data.")
+      window_tokens += float(metrics["real_tokens"])
+      if bar is not None:
+        bar.update(1)
+      # --- all periodic work happens here ---
+      if _is_due(done, config.train.log_every, total):
+        now = time.perf_counter()
+        metrics["tokens_per_sec"] = window_tokens / max(now - window_t, 1e-9)
+        window_t, window_tokens = now, 0.0
+        logger.write(done, "train", {k: v for k, v in metrics.items()
+                                     if k not in ("nll_sum", "num_correct")})
+        if bar is not None:
+          bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                          tok_s=f"{metrics['tokens_per_sec']:.0f}")
+      if _is_due(done, config.train.eval_every, total):
+        ev = run_evals(state, eval_sets)
+        logger.write(done, "eval", ev)
+        if ev["val_loss"] < best_val:
+          best_val = ev["val_loss"]
+          ckpt.save(best, done, state.checkpoint_tree(), meta())
+      if _is_due(done, config.train.ckpt_every, total):
+        ckpt.save(mngr, done, state.checkpoint_tree(), meta())
+  finally:
+    if bar is not None:
+      bar.close()
+    mngr.wait_until_finished()
+    best.wait_until_finished()
+    logger.close()
+  elapsed = time.perf_counter() - t0
+
+  results = {"step": int(state.step), **run_evals(state, eval_sets),
+             "best_val_loss": best_val, "best_step": best.latest_step(),
+             "num_params": count_params(state.model()),
+             "steps_per_sec": steps_done / elapsed if steps_done else None,
+             "train_seconds": elapsed, "split": config.data.split,
+             "reduction": config.loss.reduction, "causal": bool(config.model.causal)}
+  ckpt.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  mngr.close()
+  best.close()
+  return results
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest") -> dict:
+  """Restore a workdir's checkpoint with its saved config and evaluate it."""
+  from ml_collections import ConfigDict
+  config = ConfigDict(ckpt.load_saved_config(workdir))
+  setup_jax_cache(config.train.jax_cache_dir)
+  corpus, train_split, val_split = load_verb_data(config)
+  state = create_train_state(config, jax.random.PRNGKey(config.seed),
+                             vocab_size=len(corpus.vocab))
+  sub = ckpt.CKPT_DIR if which == "latest" else ckpt.BEST_DIR
+  mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False) \
+      if os.path.isdir(os.path.join(workdir, sub)) else None
+  if mngr is None:
+    raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
+  restored_step, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
+  state = state.replace_from_tree(tree)
+  out = {"step": restored_step,
+         **run_evals(state, build_eval_sets(config, train_split, val_split,
+                                            corpus.vocab.pad_id))}
+  mngr.close()
+  return out
