@@ -55,6 +55,9 @@ def get_config(arg=None):
   c.data.pad_side = args.get("pad_side", "right")  # right | left; the loss is identical
   c.data.batch_size = 32                # sequences per training step
   c.data.eval_batch_size = 64           # sequences per evaluation batch
+  # issue 7: packing (several documents per row, segment ids, positions restart)
+  c.data.packing = False                # pack training documents; raise data.length to gain
+  c.data.pack_docs_per_row = 2          # packing: documents drawn per row per step
 
   c.model = config_dict.ConfigDict()
   c.model.vocab_size = -1               # -1: the corpus vocabulary's size (checked if set)
@@ -68,6 +71,10 @@ def get_config(arg=None):
   c.model.gelu_approximate = False      # False: exact GELU; True: tanh approximation
   c.model.init_std = 0.02               # std of the normal weight init
   c.model.causal = args.get("causal", True)  # False ONLY for the causal-break experiment
+  # issue 7: speed options (all exact; off = the reference path)
+  c.model.attention = "einsum"          # einsum (reference) | xla | cudnn (GPU fused kernel)
+  c.model.remat = False                 # recompute block activations in backward (memory)
+  c.model.scan_layers = False           # lax.scan over layers (compile time; slower on CPU)
 
   c.loss = config_dict.ConfigDict()
   c.loss.reduction = args.get("reduction", "token_mean")  # token_mean|seq_mean|seq_mean_of_means|sum
@@ -85,6 +92,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.01           # decoupled decay on matrices/embeddings only
   c.optim.momentum = 0.0                # SGD momentum (0 = plain SGD)
   c.optim.clip_norm = 1.0               # global-norm clipping; 0 disables
+  c.optim.grad_accum_steps = 1          # micro-batches per step (exact token mean); divides batch
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 3000                  # total optimizer steps (extending it resumes)
@@ -94,6 +102,21 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 2          # latest checkpoints kept (the best one is kept apart)
   c.train.progress_bar = True           # tqdm bar on a terminal (never on a pipe)
   c.train.jax_cache_dir = "~/.cache/lmmask/jax"  # persistent compilation cache; "" disables
+  c.train.profile_start = -1            # issue 7: first step of a jax.profiler trace; -1 = off
+  c.train.profile_steps = 5             # steps traced (into workdir/profile)
+
+  # issue 7: device mesh. The batch is split over data x fsdp, parameters and
+  # optimizer state over fsdp. data * fsdp must equal the device count.
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1                      # data-parallel ways; -1 = all remaining devices
+  c.mesh.fsdp = 1                       # parameter-sharding ways; -1 = all remaining devices
+
+  # issue 7: multi-host (one process per host; see docs "Scaling out").
+  c.distributed = config_dict.ConfigDict()
+  c.distributed.mode = "off"            # off | auto (TPU pods, SLURM, MPI) | manual
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # manual: "host:port"
+  c.distributed.num_processes = config_dict.placeholder(int)        # manual: process count
+  c.distributed.process_id = config_dict.placeholder(int)           # manual: this process
 
   if args.get("tiny"):
     # A shrunken run for tests: seconds on a laptop.

@@ -19,6 +19,11 @@ import orbax.checkpoint as ocp
 RESUMABLE_FIELDS = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.keep_checkpoints", "train.progress_bar", "train.jax_cache_dir",
+    # issue 7: layout and speed knobs that do not change the maths
+    "train.profile_start", "train.profile_steps", "mesh.data", "mesh.fsdp",
+    "distributed.mode", "distributed.coordinator_address", "distributed.num_processes",
+    "distributed.process_id", "model.attention", "model.remat", "model.scan_layers",
+    "optim.grad_accum_steps",
 })
 
 CONFIG_FILE = "config.json"

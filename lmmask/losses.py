@@ -80,3 +80,27 @@ def masked_cross_entropy(logits, targets, loss_mask, *, reduction: str = "token_
       "accuracy": _safe_div(correct, num_tokens),
   }
   return loss, metrics
+
+
+def token_weights(loss_mask, reduction: str):
+  """(B, T) float32 weights w with  reduce_loss(nll, mask, reduction) == sum(w * nll).
+
+  The weights depend only on the mask, so they can be computed once for a whole
+  (global, sharded) batch and then applied to any split of it: summing
+  ``sum(w * nll)`` over micro-batches and devices gives exactly the loss, and its
+  gradient, of the one big batch. Averaging per-shard means would not: it weights
+  a shard with few real tokens as much as one with many.
+  """
+  check_reduction(reduction)
+  mask = jnp.asarray(loss_mask).astype(jnp.float32)
+  if mask.ndim != 2:
+    raise ValueError(f"loss_mask must be (B, T), got shape {mask.shape}")
+  seq_tokens = mask.sum(axis=1, keepdims=True)
+  num_seqs = (seq_tokens > 0).astype(jnp.float32).sum()
+  if reduction == "token_mean":
+    return _safe_div(mask, mask.sum())
+  if reduction == "seq_mean":
+    return _safe_div(mask, num_seqs)
+  if reduction == "seq_mean_of_means":
+    return _safe_div(_safe_div(mask, seq_tokens), num_seqs)
+  return mask

@@ -10,6 +10,8 @@ returns an array that broadcasts against it.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 
@@ -94,3 +96,80 @@ def apply_head_mask(probs, head_mask) -> jnp.ndarray:
         f"head_mask must have shape ({n_heads},) or {tuple(probs.shape[:2])}, "
         f"got {tuple(head_mask.shape)}")
   return probs * scale.astype(probs.dtype)
+
+
+# ---------------------------------------------------------------------------
+# The structured form of the same facts, for fused attention kernels
+# (jax.nn.dot_product_attention, cuDNN flash attention), which want "causal +
+# sequence lengths (+ segments)" rather than a dense (B, 1, T, T) bias.
+
+class AttentionStructure(NamedTuple):
+  """Arguments for jax.nn.dot_product_attention that allow exactly `attention_mask`.
+
+  is_causal: static; the kernel applies the (top-left aligned, Tq == Tk) causal mask.
+  key_value_seq_lengths: (B,) int32 or None; keys at positions >= length are masked.
+  mask: bool (B, 1, 1|T, T) or None; whatever the two fields above cannot express.
+  """
+  is_causal: bool
+  key_value_seq_lengths: jnp.ndarray | None
+  mask: jnp.ndarray | None
+
+
+def attention_structure(key_mask, *, segment_ids=None, causal: bool = True,
+                        keys_are_prefix: bool = False) -> AttentionStructure:
+  """The structured equivalent of ``attention_mask(key_mask, segment_ids, causal)``.
+
+  keys_are_prefix is a static promise that every row's real keys are a prefix
+  (right padding, no packing); then the key mask is sent as sequence lengths.
+  Otherwise the key mask (and the segment mask, if given) go as a boolean mask,
+  and only causality is structural.
+  """
+  key_mask = jnp.asarray(key_mask).astype(bool)
+  if key_mask.ndim != 2:
+    raise ValueError(f"key_mask must be (B, T), got shape {key_mask.shape}")
+  if segment_ids is not None:
+    mask = key_padding_mask(key_mask) & segment_mask(segment_ids)
+    return AttentionStructure(bool(causal), None, mask)
+  if keys_are_prefix:
+    return AttentionStructure(bool(causal), key_mask.sum(axis=1).astype(jnp.int32), None)
+  return AttentionStructure(bool(causal), None, key_padding_mask(key_mask))
+
+
+def structure_to_mask(structure: AttentionStructure, t: int) -> jnp.ndarray:
+  """Expand an AttentionStructure back to the dense bool (B, 1, T, T) mask it means."""
+  mask = jnp.ones((1, 1, t, t), bool)
+  if structure.is_causal:
+    mask = mask & causal_mask(t)
+  if structure.key_value_seq_lengths is not None:
+    lengths = jnp.asarray(structure.key_value_seq_lengths)
+    mask = mask & (jnp.arange(t)[None, :] < lengths[:, None])[:, None, None, :]
+  if structure.mask is not None:
+    mask = mask & structure.mask
+  return mask
+
+
+def rows_with_key(key_mask, *, segment_ids=None, causal: bool = True) -> jnp.ndarray:
+  """Float (B, 1, T, 1): 1 where the query row of ``attention_mask`` allows some key.
+
+  Computed in O(B T) without the dense mask, for the fused attention paths (a row
+  with no allowed key must give a zero output, not a uniform average).
+  """
+  key_mask = jnp.asarray(key_mask).astype(bool)
+  if segment_ids is not None:
+    seg = jnp.asarray(segment_ids)
+    if causal:
+      # A key in the query's segment at or before it: the segment's first real key
+      # must come no later than the query.
+      t = key_mask.shape[1]
+      pos = jnp.arange(t)[None, :]
+      same = seg[:, :, None] == seg[:, None, :]            # (B, Tq, Tk), O(T^2) bool
+      ok = same & key_mask[:, None, :] & (seg[:, None, :] != 0) & (pos[:, None, :] <= pos[:, :, None])
+      has = ok.any(axis=-1)
+    else:
+      same = seg[:, :, None] == seg[:, None, :]
+      has = (same & key_mask[:, None, :] & (seg[:, None, :] != 0)).any(axis=-1)
+  elif causal:
+    has = jnp.cumsum(key_mask, axis=1) > 0
+  else:
+    has = jnp.broadcast_to(key_mask.any(axis=1, keepdims=True), key_mask.shape)
+  return has[:, None, :, None].astype(jnp.float32)

@@ -18,6 +18,7 @@ from flax import nnx
 from lmmask import masks
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,10 @@ class DecoderConfig:
                                   # attention, softmax and loss stay float32
   gelu_approximate: bool = False  # False: exact erf GELU; True: tanh approximation
   init_std: float = 0.02
+  # issue 7 (speed): attention kernel, rematerialisation, scan over layers.
+  attention: str = "einsum"       # einsum (reference) | xla | cudnn (jax.nn.dot_product_attention)
+  remat: bool = False             # recompute each block's activations in the backward pass
+  scan_layers: bool = False       # lax.scan over blocks (compile time on accelerators)
 
   def __post_init__(self):
     def need(cond, msg):
@@ -47,6 +52,8 @@ class DecoderConfig:
     need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
     need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+    need(self.attention in ATTENTION_IMPLS,
+         f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}")
 
   @property
   def compute_dtype(self):
@@ -79,6 +86,16 @@ class Attention(nnx.Module):
     h = self.cfg.n_heads
     d = self.cfg.d_model // h
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+    if isinstance(bias, masks.AttentionStructure):  # fused path: (B, T, H, D) layout
+      if head_mask is not None:
+        raise ValueError("head_mask needs the attention probabilities; use "
+                         "model.attention='einsum'")
+      q, k, v = (a.reshape(b, t, h, d) for a in (q, k, v))
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=bias.mask, is_causal=bias.is_causal,
+          key_value_seq_lengths=bias.key_value_seq_lengths, implementation=self.cfg.attention)
+      out = out * has_key.transpose(0, 2, 1, 3).astype(out.dtype)  # rows with no key -> 0
+      return self.out(out.reshape(b, t, h * d)), None
     q, k, v = (a.reshape(b, t, h, d).transpose(0, 2, 1, 3) for a in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
     logits = logits / math.sqrt(d) + bias
@@ -128,7 +145,8 @@ class Decoder(nnx.Module):
 
   def __call__(self, inputs, *, key_mask=None, positions=None, segment_ids=None,
                head_mask=None, causal: bool = True, return_attention: bool = False,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None):
+               deterministic: bool = True, rngs: nnx.Rngs | None = None,
+               keys_are_prefix: bool = False):
     """inputs (B, T) int -> logits (B, T, V) float32 [, list of (B, H, T, T) probs].
 
     key_mask: (B, T) True on real tokens (default: all real).
@@ -136,6 +154,8 @@ class Decoder(nnx.Module):
       right padding give the same positions.
     head_mask: (H,) or (B, H) for every layer, or a list of n_layers such masks.
     deterministic / rngs: dropout off, or on with ``rngs.dropout``.
+    keys_are_prefix: static promise that real keys are a prefix of each row (right
+      padding); lets the fused attention paths use sequence lengths.
     """
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be (B, T) token ids, got shape {inputs.shape}")
@@ -148,9 +168,15 @@ class Decoder(nnx.Module):
     key_mask = key_mask.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
-    allowed = masks.attention_mask(key_mask, segment_ids=segment_ids, causal=causal)
-    bias = masks.to_bias(allowed, jnp.float32)
-    has_key = allowed.any(axis=-1, keepdims=True).astype(jnp.float32)
+    fused = self.cfg.attention != "einsum" and not return_attention
+    if fused:
+      bias = masks.attention_structure(key_mask, segment_ids=segment_ids, causal=causal,
+                                       keys_are_prefix=keys_are_prefix)
+      has_key = masks.rows_with_key(key_mask, segment_ids=segment_ids, causal=causal)
+    else:
+      allowed = masks.attention_mask(key_mask, segment_ids=segment_ids, causal=causal)
+      bias = masks.to_bias(allowed, jnp.float32)
+      has_key = allowed.any(axis=-1, keepdims=True).astype(jnp.float32)
     x = self.embed(inputs) + self.pos_embed(positions)
     x = self.drop(x, deterministic=deterministic, rngs=rngs)
     all_probs = []
@@ -158,15 +184,50 @@ class Decoder(nnx.Module):
     if per_layer and len(head_mask) != self.cfg.n_layers:
       raise ValueError(f"a per-layer head_mask needs {self.cfg.n_layers} entries, "
                        f"got {len(head_mask)}")
-    for i, block in enumerate(self.blocks):
-      hm = head_mask[i] if per_layer else head_mask
-      x, probs = block(x, bias, has_key, hm, deterministic, rngs)
-      if return_attention:
-        all_probs.append(probs)
+    if self.cfg.scan_layers and not return_attention and not per_layer:
+      x = _scan_blocks(self.blocks, x, bias, has_key, head_mask, deterministic, rngs,
+                       remat=self.cfg.remat)
+    else:
+      for i, block in enumerate(self.blocks):
+        hm = head_mask[i] if per_layer else head_mask
+        if self.cfg.remat and not return_attention:
+          x, probs = _remat_block(block, x, bias, has_key, hm, deterministic, rngs)
+        else:
+          x, probs = block(x, bias, has_key, hm, deterministic, rngs)
+        if return_attention:
+          all_probs.append(probs)
     logits = self.head(self.ln_f(x)).astype(jnp.float32)
     if return_attention:
       return logits, all_probs
     return logits
+
+
+def _remat_block(block, x, bias, has_key, head_mask, deterministic, rngs):
+  """block(...) with its activations recomputed in the backward pass."""
+  if block.cfg.dropout > 0 and not deterministic:
+    raise ValueError("model.remat with dropout is not supported; set model.dropout=0")
+  gd, st = nnx.split(block)
+
+  @jax.checkpoint
+  def run(st, x):  # masks are closed over (the structure holds a static bool)
+    return nnx.merge(gd, st)(x, bias, has_key, head_mask, True, None)[0]
+  return run(st, x), None
+
+
+def _scan_blocks(blocks, x, bias, has_key, head_mask, deterministic, rngs, *, remat):
+  """lax.scan over the blocks. Parameters stay per layer (checkpoints and shardings do
+  not change); they are stacked inside the step, which XLA fuses into the scan."""
+  if blocks[0].cfg.dropout > 0 and not deterministic:
+    raise ValueError("model.scan_layers with dropout is not supported; set model.dropout=0")
+  gd, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
+
+  def body(x, st):
+    return nnx.merge(gd, st)(x, bias, has_key, head_mask, True, None)[0], None
+  if remat:
+    body = jax.checkpoint(body)
+  x, _ = jax.lax.scan(body, x, stacked)
+  return x
 
 
 def count_params(model: nnx.Module) -> int:

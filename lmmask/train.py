@@ -19,8 +19,8 @@ import optax
 from flax import nnx
 
 from lmmask import checkpoint as ckpt
-from lmmask import losses, schedules
-from lmmask.batching import Batch
+from lmmask import accumulate, losses, packing, parallel, schedules
+from lmmask.batching import Batch, batch_from_ids
 from lmmask.data import pipeline, verbs
 from lmmask.model import Decoder, DecoderConfig, count_params
 
@@ -36,6 +36,9 @@ class TrainState:
   schedule: Any = flax.struct.field(pytree_node=False)
   reduction: str = flax.struct.field(pytree_node=False, default="token_mean")
   causal: bool = flax.struct.field(pytree_node=False, default=True)
+  grad_accum_steps: int = flax.struct.field(pytree_node=False, default=1)  # micro-batches/step
+  # Right padding, no packing: real keys are a prefix, the fused attention uses lengths.
+  keys_are_prefix: bool = flax.struct.field(pytree_node=False, default=False)
 
   def model(self) -> Decoder:
     return nnx.merge(self.graphdef, self.params)
@@ -78,6 +81,12 @@ def validate_config(config) -> None:
   need(o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0, got {o.clip_norm}")
   for f in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     need(isinstance(t[f], int) and t[f] > 0, f"train.{f}", f"must be a positive int, got {t[f]!r}")
+  ga = o.get("grad_accum_steps", 1)  # issue 7
+  need(isinstance(ga, int) and ga > 0, "optim.grad_accum_steps", f"must be a positive int, got {ga!r}")
+  need(d.batch_size % ga == 0, "optim.grad_accum_steps",
+       f"{ga} must divide data.batch_size={d.batch_size}")
+  need(not (d.get("packing", False) and d.pad_side != "right"), "data.pad_side",
+       "packing fills rows from the left; set data.pad_side=right with data.packing")
 
 
 def decoder_config(config, vocab_size: int) -> DecoderConfig:
@@ -100,7 +109,10 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_rng, graphdef=graphdef, tx=tx, schedule=sched,
                     reduction=losses.check_reduction(config.loss.reduction),
-                    causal=bool(config.model.causal))
+                    causal=bool(config.model.causal),
+                    grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)),
+                    keys_are_prefix=(config.data.pad_side == "right"
+                                     and not config.data.get("packing", False)))
 
 
 # ---------------------------------------------------------------------------
@@ -109,21 +121,22 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
 def _forward(state: TrainState, params, batch: Batch, *, deterministic: bool, rng=None):
   model = nnx.merge(state.graphdef, params)
   rngs = None if deterministic else nnx.Rngs(dropout=rng)
+  # Unpacked batches have segment_ids == key_mask: dropping them changes nothing.
   return model(batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
-               segment_ids=batch.segment_ids, causal=state.causal,
-               deterministic=deterministic, rngs=rngs)
+               segment_ids=None if state.keys_are_prefix else batch.segment_ids,
+               causal=state.causal, deterministic=deterministic, rngs=rngs,
+               keys_are_prefix=state.keys_are_prefix)
 
 
 def train_step(state: TrainState, batch: Batch):
   """One optimizer step on `batch`; returns (new_state, metrics)."""
   rng = jax.random.fold_in(state.rng, state.step)
 
-  def loss_fn(params):
-    logits = _forward(state, params, batch, deterministic=False, rng=rng)
-    return losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
-                                       reduction=state.reduction)
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Exact under accumulation and sharding: weights from the global mask (accumulate.py).
+  logits_fn = lambda p, mb, r: _forward(state, p, mb, deterministic=False, rng=r)  # noqa: E731
+  _, grads, metrics = accumulate.loss_and_grads(
+      logits_fn, state.params, batch, reduction=state.reduction,
+      steps=state.grad_accum_steps, rng=rng)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=optax.global_norm(grads),
@@ -247,11 +260,43 @@ def run_evals(state, eval_sets) -> dict:
   return out
 
 
+def _host_train_batch(config, train_split, step, pad_id, rows):
+  """This process's rows [lo, hi) of the global training batch of `step` (issue 7)."""
+  lo, hi = rows
+  if config.data.get("packing", False):
+    batch, _ = packing.train_batch(train_split, step=step, batch_size=config.data.batch_size,
+                                   seed=config.seed, pad_id=pad_id,
+                                   docs_per_row=config.data.pack_docs_per_row)
+    return jax.tree.map(lambda x: x[lo:hi], batch)
+  idx = pipeline.batch_indices(len(train_split), config.data.batch_size, step, config.seed)
+  return batch_from_ids(train_split.ids[idx[lo:hi]], pad_id=pad_id)
+
+
+_PROFILING = []
+
+
+def _profile(config, workdir, step, start):
+  """jax.profiler trace of steps [profile_start, profile_start + profile_steps)."""
+  first = config.train.get("profile_start", -1)
+  if first < 0:
+    return
+  last = first + config.train.profile_steps
+  if step is not None and step == max(first, start) and step < last and not _PROFILING:
+    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+    _PROFILING.append(True)
+  elif _PROFILING and (step is None or step >= last):
+    jax.profiler.stop_trace()
+    _PROFILING.clear()
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train (or resume) the experiment in `config` inside `workdir`; return results."""
   validate_config(config)
+  if "distributed" in config:
+    parallel.initialize_distributed(config.distributed)  # before any device is touched
   setup_jax_cache(config.train.jax_cache_dir)
   cfg_dict = ckpt.config_to_dict(config)
+  writer = parallel.is_writer()  # only process 0 writes files outside orbax
   if os.path.exists(workdir) and not os.access(workdir, os.W_OK):
     raise PermissionError(f"workdir {workdir} is not writable; choose another --workdir")
   is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
@@ -260,12 +305,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pad_id = corpus.vocab.pad_id
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              vocab_size=len(corpus.vocab))
+  mesh = parallel.mesh_from_config(config)
+  parallel.check_batch_size(config.data.batch_size, mesh, state.grad_accum_steps)
+  state = parallel.shard_state(state, mesh)
+  rows = parallel.process_rows(parallel.batch_sharding(mesh), config.data.batch_size)
   eval_sets = build_eval_sets(config, train_split, val_split, pad_id)
 
   os.makedirs(workdir, exist_ok=True)
-  if is_new:
+  if is_new and writer:
     ckpt.atomic_write_json(os.path.join(workdir, ckpt.CONFIG_FILE), cfg_dict)
-  ckpt.atomic_write_json(os.path.join(workdir, "provenance.json"), provenance())
+  if writer:
+    ckpt.atomic_write_json(os.path.join(workdir, "provenance.json"), provenance())
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints)
   best = ckpt.manager(workdir, ckpt.BEST_DIR, 1)
   best_val = math.inf
@@ -277,8 +327,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   total = config.train.steps
   meta = lambda: {"config": cfg_dict, "best_val_loss": best_val}  # noqa: E731
-  logger = _Logger(workdir)
-  step_fn = jax.jit(train_step, donate_argnums=0)
+  logger = _Logger(workdir) if writer else None
+  step_fn = parallel.jit_train_step(train_step, state, mesh)
   start = int(state.step)
   bar = None
   if config.train.progress_bar and start < total:
@@ -289,8 +339,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_done = 0
   try:
     for step in range(start, total):
-      batch = pipeline.train_batch(train_split, step=step, batch_size=config.data.batch_size,
-                                   seed=config.seed, pad_id=pad_id)
+      batch = _host_train_batch(config, train_split, step, pad_id, rows)
+      batch = parallel.put_batch(batch, mesh, config.data.batch_size)
+      _profile(config, workdir, step, start)
       state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
       steps_done += 1
@@ -309,14 +360,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         now = time.perf_counter()
         metrics["tokens_per_sec"] = window_tokens / max(now - window_t, 1e-9)
         window_t, window_tokens = now, 0.0
-        logger.write(done, "train", {k: v for k, v in metrics.items()
-                                     if k not in ("nll_sum", "num_correct")})
+        if logger is not None:
+          logger.write(done, "train", {k: v for k, v in metrics.items()
+                                       if k not in ("nll_sum", "num_correct")})
         if bar is not None:
           bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                           tok_s=f"{metrics['tokens_per_sec']:.0f}")
       if _is_due(done, config.train.eval_every, total):
         ev = run_evals(state, eval_sets)
-        logger.write(done, "eval", ev)
+        if logger is not None:
+          logger.write(done, "eval", ev)
         if ev["val_loss"] < best_val:
           best_val = ev["val_loss"]
           ckpt.save(best, done, state.checkpoint_tree(), meta())
@@ -325,9 +378,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:
     if bar is not None:
       bar.close()
+    _profile(config, workdir, None, start)
     mngr.wait_until_finished()
     best.wait_until_finished()
-    logger.close()
+    if logger is not None:
+      logger.close()
   elapsed = time.perf_counter() - t0
 
   results = {"step": int(state.step), **run_evals(state, eval_sets),
@@ -336,7 +391,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "steps_per_sec": steps_done / elapsed if steps_done else None,
              "train_seconds": elapsed, "split": config.data.split,
              "reduction": config.loss.reduction, "causal": bool(config.model.causal)}
-  ckpt.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  if writer:
+    ckpt.atomic_write_json(os.path.join(workdir, "results.json"), results)
   mngr.close()
   best.close()
   return results
