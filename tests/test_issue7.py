@@ -1,0 +1,340 @@
+"""Issue 7 (single process, 1 device): exact reductions under splitting, gradient
+accumulation, packing, the structured attention form and the fused attention path,
+remat/scan, mesh arithmetic. The 8-device checks live in test_issue7_mesh.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmmask import accumulate, losses, masks, packing, parallel
+from lmmask.batching import batch_from_ids, pad_sequences
+from lmmask.model import Decoder, DecoderConfig
+
+V = 23
+PAD = 0
+
+
+def _skewed_ids(rng, b=16, length=12, steps=4):
+  """Rows i::steps get very different lengths: micro-batch 0 long, the others tiny."""
+  seqs = []
+  for r in range(b):
+    n = length if r % steps == 0 else int(rng.integers(2, 4))
+    seqs.append(list(rng.integers(1, V, size=n)))
+  seqs[1] = [5]  # a row with no counted target at all (1 real token)
+  ids = pad_sequences([s if len(s) >= 1 else [1] for s in seqs], pad_id=PAD, length=length)
+  return ids
+
+
+# ---------------------------------------------------------------------------
+# losses.token_weights: sum(w * nll) is the reduction, for any split.
+
+def _np_reduce(nll, mask, reduction):
+  """Independent reference with plain loops."""
+  b, t = mask.shape
+  total = sum(nll[i, j] * mask[i, j] for i in range(b) for j in range(t))
+  toks = [sum(mask[i]) for i in range(b)]
+  counted = [i for i in range(b) if toks[i] > 0]
+  if reduction == "token_mean":
+    return total / sum(toks) if sum(toks) else 0.0
+  if reduction == "seq_mean":
+    return total / len(counted) if counted else 0.0
+  if reduction == "seq_mean_of_means":
+    if not counted:
+      return 0.0
+    return sum(sum(nll[i, j] * mask[i, j] for j in range(t)) / toks[i] for i in counted) / len(counted)
+  return total
+
+
+@pytest.mark.parametrize("reduction", losses.REDUCTIONS)
+def test_token_weights_match_reference_and_split_exactly(reduction):
+  rng = np.random.default_rng(0)
+  mask = (rng.random((8, 10)) < 0.4).astype(np.float32)
+  mask[3] = 0
+  nll = rng.random((8, 10)).astype(np.float32) * 3
+  w = np.asarray(losses.token_weights(mask, reduction))
+  whole = float((w * nll).sum())
+  assert whole == pytest.approx(_np_reduce(nll, mask, reduction), rel=1e-5)
+  assert whole == pytest.approx(float(losses.reduce_loss(jnp.asarray(nll * mask),
+                                                          jnp.asarray(mask), reduction)), rel=1e-5)
+  # Any split into micro-batches of rows sums to the whole: weights come from the global mask.
+  parts = sum(float((w[i::4] * nll[i::4]).sum()) for i in range(4))
+  assert parts == pytest.approx(whole, rel=1e-5)
+  # Planted bug: reduce each micro-batch on its own, then average -> not the whole.
+  if reduction != "sum":
+    naive = np.mean([_np_reduce(nll[i::4], mask[i::4], reduction) for i in range(4)])
+    assert abs(naive - whole) > 1e-3
+
+
+def test_token_weights_all_zero_mask_is_zero():
+  for r in losses.REDUCTIONS:
+    assert float(np.abs(losses.token_weights(np.zeros((2, 3)), r)).sum()) == 0.0
+  with pytest.raises(ValueError, match="unknown reduction"):
+    losses.token_weights(np.ones((2, 3)), "mean")
+
+
+# ---------------------------------------------------------------------------
+# Gradient accumulation (1 device): skewed micro-batches equal one batch.
+
+def _model(**kw):
+  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16, **kw)
+  return Decoder(cfg, rngs=nnx.Rngs(params=jax.random.PRNGKey(1)))
+
+
+def _jit_apply(model, **static):
+  """model(inputs, **arrays, **static) jitted (eager nnx is slow op by op)."""
+  gd, st = nnx.split(model)
+  f = jax.jit(lambda st, inputs, kw: nnx.merge(gd, st)(inputs, **kw, **static))
+  return lambda inputs, **kw: f(st, inputs, kw)
+
+
+def _logits_fn(graphdef):
+  def f(p, mb, rng):
+    return nnx.merge(graphdef, p)(mb.inputs, key_mask=mb.key_mask, positions=mb.positions,
+                                  segment_ids=mb.segment_ids)
+  return f
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_of_means"])
+def test_accumulation_equals_one_batch(reduction):
+  ids = _skewed_ids(np.random.default_rng(1))
+  batch = batch_from_ids(ids, pad_id=PAD)
+  per_micro = [float(batch.loss_mask[i::4].sum()) for i in range(4)]
+  assert max(per_micro) > 5 * min(per_micro)  # the split really is skewed
+  gd, params = nnx.split(_model(), nnx.Param)
+  run = jax.jit(lambda p, b, s: accumulate.loss_and_grads(_logits_fn(gd), p, b,
+                                                          reduction=reduction, steps=s),
+                static_argnums=2)
+  loss1, g1, m1 = run(params, batch, 1)
+  loss4, g4, m4 = run(params, batch, 4)
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  for k in ("nll_sum", "num_tokens", "num_seqs", "num_correct"):
+    np.testing.assert_allclose(m4[k], m1[k], rtol=1e-6)
+  # Reference: the plain loss of the whole batch.
+  logits = _logits_fn(gd)(params, batch, None)
+  ref, _ = losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask, reduction=reduction)
+  np.testing.assert_allclose(loss1, ref, rtol=1e-5)
+  # Planted bug: averaging per-micro-batch token means is NOT the big-batch loss.
+  if reduction == "token_mean":
+    naive = np.mean([float(losses.masked_cross_entropy(
+        logits[i::4], batch.targets[i::4], batch.loss_mask[i::4])[0]) for i in range(4)])
+    assert abs(naive - float(loss1)) > 1e-3
+
+
+def test_accumulation_rejects_uneven_split():
+  batch = batch_from_ids(_skewed_ids(np.random.default_rng(2), b=6), pad_id=PAD)
+  with pytest.raises(ValueError, match="grad_accum_steps"):
+    accumulate.split_micro_batches(batch, 4)
+
+
+# ---------------------------------------------------------------------------
+# Packing.
+
+def _docs(rng, n=7, lo=2, hi=9):
+  return [list(rng.integers(1, V, size=int(rng.integers(lo, hi)))) for _ in range(n)]
+
+
+def _np_packed_reference(ids, seg):
+  """Loops: positions restart per segment; a target counts only inside its segment."""
+  b, L = ids.shape
+  pos = np.zeros((b, L - 1), np.int32)
+  lm = np.zeros((b, L - 1), np.float32)
+  for r in range(b):
+    p = 0
+    for j in range(L - 1):
+      if seg[r, j] == 0:
+        continue
+      p = 0 if j == 0 or seg[r, j - 1] != seg[r, j] else p + 1
+      pos[r, j] = p
+      lm[r, j] = float(seg[r, j + 1] == seg[r, j])
+  return pos, lm
+
+
+def test_pack_batch_matches_loop_reference():
+  docs = _docs(np.random.default_rng(3))
+  b, dropped = packing.pack_batch(docs, length=16, pad_id=PAD)
+  assert dropped == []
+  ids = np.concatenate([b.inputs, b.targets[:, -1:]], axis=1)
+  seg = np.concatenate([b.segment_ids, np.zeros((b.shape[0], 1), np.int32)], axis=1)
+  ids_full, seg_full, _ = packing.pack_documents(docs, length=16, pad_id=PAD)
+  pos, lm = _np_packed_reference(ids_full, seg_full)
+  np.testing.assert_array_equal(b.positions, pos)
+  np.testing.assert_array_equal(b.loss_mask, lm)
+  # Every document is in exactly one row, and counts len - 1 targets.
+  assert int(b.loss_mask.sum()) == sum(len(d) - 1 for d in docs)
+  assert sorted(len(d) for d in docs) == sorted(
+      int((seg_full[r] == s).sum()) for r in range(len(seg_full)) for s in range(1, seg_full.max() + 1)
+      if (seg_full[r] == s).any())
+  del ids, seg
+
+
+def test_pack_errors_and_dropping():
+  with pytest.raises(ValueError, match="raise data.length"):
+    packing.pack_documents([[1] * 20], length=16, pad_id=PAD)
+  with pytest.raises(ValueError, match="pad_id"):
+    packing.pack_documents([[1, 0, 2]], length=16, pad_id=PAD)
+  _, _, dropped = packing.pack_documents([[1] * 10, [2] * 10, [3] * 3], length=13, pad_id=PAD,
+                                         rows=1)
+  assert dropped == [1]
+
+
+def test_packed_logits_and_losses_equal_unpacked():
+  docs = _docs(np.random.default_rng(4), n=9, lo=3, hi=10)
+  model = _jit_apply(_model())
+  packed, _ = packing.pack_batch(docs, length=16, pad_id=PAD)
+  assert packed.shape[0] < len(docs)  # really packed
+  unpacked = batch_from_ids(pad_sequences(docs, pad_id=PAD, length=16), pad_id=PAD)
+
+  def run(b, seg=True):
+    logits = model(b.inputs, key_mask=b.key_mask, positions=b.positions,
+                   segment_ids=b.segment_ids if seg else None)
+    nll, _, _ = losses.per_token_nll(logits, b.targets, b.loss_mask)
+    return np.asarray(logits), np.asarray(nll)
+
+  lp, np_ = run(packed)
+  lu, nu = run(unpacked)
+  ids_full, seg_full, _ = packing.pack_documents(docs, length=16, pad_id=PAD)
+  assignment, _ = packing.first_fit([len(d) for d in docs], 16)
+  for r, row in enumerate(assignment):
+    at = 0
+    for i in row:
+      n = len(docs[i]) - 1  # inputs of the document
+      np.testing.assert_allclose(lp[r, at:at + n], lu[i, :n], atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(np_[r, at:at + n], nu[i, :n], atol=1e-5, rtol=1e-5)
+      at += n + 1
+  np.testing.assert_allclose(np_.sum(), nu.sum(), rtol=1e-5)
+  # Planted bug: without the segment mask, later documents see earlier ones.
+  lbug, _ = run(packed, seg=False)
+  assert np.abs(lbug - lp).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# Structured attention form == boolean form; fused path == einsum path.
+
+def _key_masks(rng, b=5, t=9, side="right"):
+  lens = rng.integers(0, t + 1, size=b)
+  lens[0] = 0
+  km = np.zeros((b, t), bool)
+  for i, n in enumerate(lens):
+    if side == "right":
+      km[i, :n] = True
+    else:
+      km[i, t - n:] = True
+  return km
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_structure_equals_boolean_mask(causal):
+  rng = np.random.default_rng(5)
+  km = _key_masks(rng)
+  dense = np.asarray(masks.attention_mask(km, causal=causal))
+  for prefix in (True, False):
+    st = masks.attention_structure(km, causal=causal, keys_are_prefix=prefix)
+    np.testing.assert_array_equal(np.asarray(masks.structure_to_mask(st, 9)), dense)
+  seg = np.where(km, 1 + (np.arange(9)[None] >= 4), 0)
+  dense_seg = np.asarray(masks.attention_mask(km, segment_ids=seg, causal=causal))
+  st = masks.attention_structure(km, segment_ids=seg, causal=causal)
+  np.testing.assert_array_equal(np.asarray(masks.structure_to_mask(st, 9)), dense_seg)
+  for s, d in ((None, dense), (seg, dense_seg)):
+    np.testing.assert_array_equal(np.asarray(masks.rows_with_key(km, segment_ids=s, causal=causal)),
+                                  d.any(-1, keepdims=True).astype(np.float32))
+  # Planted bug: left-padded keys sent as lengths (the promise broken) is wrong.
+  kl = _key_masks(rng, side="left")
+  bad = masks.attention_structure(kl, causal=causal, keys_are_prefix=True)
+  assert (np.asarray(masks.structure_to_mask(bad, 9)) !=
+          np.asarray(masks.attention_mask(kl, causal=causal))).any()
+
+
+@pytest.mark.parametrize("case", ["right", "left", "packed"])
+def test_fused_attention_equals_einsum(case):
+  rng = np.random.default_rng(6)
+  ref = _jit_apply(_model())
+  seqs = _docs(rng, n=4, lo=2, hi=12)
+  if case == "packed":
+    b, _ = packing.pack_batch(seqs + _docs(rng, n=4), length=14, pad_id=PAD, rows=4)
+  else:
+    b = batch_from_ids(pad_sequences(seqs + [[3]], pad_id=PAD, length=14, pad_side=case),
+                       pad_id=PAD)  # the last row has no real key for most queries
+  prefix = case == "right"
+  kw = dict(key_mask=b.key_mask, positions=b.positions,
+            segment_ids=b.segment_ids if case == "packed" else None)
+  want = np.asarray(ref(b.inputs, **kw))
+  got = np.asarray(_jit_apply(_model(attention="xla"), keys_are_prefix=prefix)(b.inputs, **kw))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert np.isfinite(got).all()
+
+
+def test_fused_attention_zero_rows_without_keys():
+  attn_ref = _model().blocks[0].attn
+  attn_fused = _model(attention="xla").blocks[0].attn
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+  km = np.array([[False, False, True, True, True], [True] * 5])  # left padding
+  allowed = masks.attention_mask(km)
+  has = masks.rows_with_key(km)
+  out_ref, _ = attn_ref(x, masks.to_bias(allowed), allowed.any(-1, keepdims=True).astype(jnp.float32))
+  out_f, _ = attn_fused(x, masks.attention_structure(km), has)
+  np.testing.assert_allclose(out_f, out_ref, atol=1e-5)
+  # the two queries with no key give the output projection's bias only (zero attention)
+  np.testing.assert_allclose(out_f[0, :2], np.broadcast_to(attn_fused.out.bias[...], (2, 32)),
+                             atol=1e-6)
+
+
+def test_remat_and_scan_equal_plain_in_value_and_gradient():
+  b = batch_from_ids(_skewed_ids(np.random.default_rng(7)), pad_id=PAD)
+  outs = []
+  for kw in ({}, {"remat": True}, {"scan_layers": True}):
+    gd, params = nnx.split(_model(**kw), nnx.Param)
+    f = jax.jit(lambda p: accumulate.loss_and_grads(_logits_fn(gd), p, b,
+                                                    reduction="token_mean")[:2])
+    outs.append(f(params))
+  for loss, g in outs[1:]:
+    np.testing.assert_allclose(loss, outs[0][0], rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(g)):
+      np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_config_rejects_unknown_attention():
+  with pytest.raises(ValueError, match="attention must be one of"):
+    DecoderConfig(vocab_size=5, attention="flash")
+
+
+# ---------------------------------------------------------------------------
+# Mesh arithmetic and sharding rules (no devices needed).
+
+def test_mesh_shape_resolution_and_errors():
+  assert parallel.mesh_shape(-1, 1, 8) == (8, 1)
+  assert parallel.mesh_shape(4, -1, 8) == (4, 2)
+  assert parallel.mesh_shape(-1, 2, 8) == (4, 2)
+  with pytest.raises(ValueError, match="devices are visible"):
+    parallel.mesh_shape(3, 2, 8)
+  with pytest.raises(ValueError, match="only one"):
+    parallel.mesh_shape(-1, -1, 8)
+  with pytest.raises(ValueError, match="groups of 3"):
+    parallel.mesh_shape(-1, 3, 8)
+  with pytest.raises(ValueError, match="positive int or -1"):
+    parallel.mesh_shape(0, 1, 8)
+
+
+def test_sharding_rules_and_batch_checks():
+  mesh = parallel.make_mesh(1, 1)
+  path = (jax.tree_util.DictKey("blocks"), jax.tree_util.DictKey(0),
+          jax.tree_util.DictKey("fc1"), jax.tree_util.DictKey("kernel"))
+  assert parallel.logical_axes(path, (32, 64)) == ("embed", "mlp")
+  assert parallel.logical_axes(path[:-1] + (jax.tree_util.DictKey("scale"),), (32,)) is None
+  parallel.check_batch_size(8, mesh, 4)
+  with pytest.raises(ValueError, match="divisible"):
+    parallel.check_batch_size(6, mesh, 4)
+  assert parallel.process_rows(parallel.batch_sharding(mesh), 8) == (0, 8)
+
+
+def test_distributed_config_errors():
+  from ml_collections import ConfigDict
+  assert parallel.initialize_distributed(ConfigDict({"mode": "off"})) is False
+  with pytest.raises(ValueError, match="off | auto | manual"):
+    parallel.initialize_distributed(ConfigDict({"mode": "slurm"}))
+  c = ConfigDict({"mode": "manual", "coordinator_address": None, "num_processes": 2,
+                  "process_id": 0}, convert_dict=True)
+  with pytest.raises(ValueError, match="coordinator_address"):
+    parallel.initialize_distributed(c)
