@@ -21,6 +21,7 @@ import os
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -143,7 +144,15 @@ def state_shardings(state, mesh: Mesh, rules=RULES):
 
 
 def shard_state(state, mesh: Mesh, rules=RULES):
-  return jax.device_put(state, state_shardings(state, mesh, rules))
+  """The state laid out on `mesh`, in fresh buffers.
+
+  device_put may reuse the caller's single-device buffer as one shard of a
+  replicated array (even with may_alias=False, jax 0.10), and the jitted step
+  donates its input; the on-mesh copy keeps the caller's state alive.
+  """
+  sh = state_shardings(state, mesh, rules)
+  placed = jax.device_put(state, sh)
+  return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=sh)(placed)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
