@@ -116,7 +116,7 @@ def matmul_peak(dtype, n=None, reps=10) -> float:
 class JaxRunner:
   """Compiled lmmask train_step plus its batches; `measure(steps)` -> seconds/step list."""
 
-  def __init__(self, spec, batches, **cfg_kw):
+  def __init__(self, spec, batches, compiler_options=None, **cfg_kw):
     from lmmask import train
     from lmmask.model import count_params
     self.spec, self.batches = spec, [jax.device_put(b) for b in batches]
@@ -127,11 +127,11 @@ class JaxRunner:
     model = self.state.model()
     self.n_params = count_params(model)
     self.n_embed = model.embed.embedding[...].size + model.pos_embed.embedding[...].size
-    self.step = jax.jit(train.train_step, donate_argnums=0)
     t = time.perf_counter()
-    lowered = self.step.lower(self.state, self.batches[0])
-    compiled = lowered.compile()
+    lowered = jax.jit(train.train_step, donate_argnums=0).lower(self.state, self.batches[0])
+    compiled = lowered.compile(compiler_options or None)  # XLA debug options, e.g. onednn
     self.compile_s = time.perf_counter() - t
+    self.step = compiled
     try:
       ca = compiled.cost_analysis()
       ca = ca[0] if isinstance(ca, (list, tuple)) else ca
