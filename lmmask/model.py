@@ -73,6 +73,39 @@ def _linear(cfg, din, dout, rngs, std=None):
                     kernel_init=nnx.initializers.normal(std or cfg.init_std))
 
 
+@jax.custom_vjp
+def gelu_exact(x):
+  """Exact (erf) GELU, x * Phi(x), with a hand-written backward.
+
+  Same values as jax.nn.gelu(x, approximate=False); the backward reuses the saved
+  Phi(x) and needs one exp, where autodiff of the erf form re-evaluated erf inside
+  XLA:CPU fusions (the MLP's forward + backward ran ~2x faster this way).
+  """
+  return x * _phi(x)
+
+
+def _phi(x):
+  return 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _gelu_fwd(x):
+  cdf = _phi(x)
+  return x * cdf, (x, cdf)
+
+
+def _gelu_bwd(res, g):
+  x, cdf = res
+  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+  return (g * (cdf + x * pdf),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu(x, approximate: bool):
+  return jax.nn.gelu(x, approximate=True) if approximate else gelu_exact(x)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
@@ -128,8 +161,8 @@ class Block(nnx.Module):
     a, probs = self.attn(self.ln1(x), bias, has_key, head_mask)
     x = x + self.drop(a, deterministic=deterministic, rngs=rngs)
     b, t, dm = x.shape
-    m = self.fc2(jax.nn.gelu(self.fc1(self.ln2(x).reshape(b * t, dm)),
-                             approximate=self.cfg.gelu_approximate)).reshape(b, t, dm)
+    m = self.fc2(gelu(self.fc1(self.ln2(x).reshape(b * t, dm)),
+                      self.cfg.gelu_approximate)).reshape(b, t, dm)
     x = x + self.drop(m, deterministic=deterministic, rngs=rngs)
     return x, probs
 

@@ -338,3 +338,16 @@ def test_distributed_config_errors():
                   "process_id": 0}, convert_dict=True)
   with pytest.raises(ValueError, match="coordinator_address"):
     parallel.initialize_distributed(c)
+
+
+def test_gelu_exact_matches_erf_formula_and_its_gradient():
+  from lmmask.model import gelu_exact
+  import math
+  x = np.linspace(-8, 8, 801).astype(np.float32)
+  ref = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+  dref = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+                   for v in x.astype(np.float64)])
+  np.testing.assert_allclose(gelu_exact(x), ref, atol=2e-6)
+  np.testing.assert_allclose(jax.grad(lambda a: gelu_exact(a).sum())(x), dref, atol=2e-6)
+  # Planted bug: the tanh approximation is a different function.
+  assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - ref).max() > 1e-4
