@@ -33,7 +33,7 @@ def main(argv=None):
     runners = {"jax_padded": throughput.JaxRunner(spec, padded, **kw),
                "torch_padded": torch_reference.TorchRunner(
                    spec, padded, gelu_approximate=o["gelu_approximate"]),
-               "jax_packed": throughput.JaxRunner(spec, packed, **kw)}
+               "jax_packed": throughput.JaxRunner(spec, packed, packing=True, **kw)}
     ratios = {"padded": [], "packed": []}
     rounds = []
     for r in range(o["rounds"]):

@@ -39,7 +39,7 @@ CONFIGS = {
 
 
 def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=False,
-              attention=None, dtype=None, grad_accum_steps=1):
+              attention=None, dtype=None, grad_accum_steps=1, packing=False):
   """An lmmask experiment config (configs/verbs.py) resized to `spec`."""
   import importlib.util
   path = os.path.join(os.path.dirname(HERE), "configs", "verbs.py")
@@ -57,6 +57,7 @@ def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=Fa
   c.data.length = spec["seq"] + 1
   c.data.batch_size = spec["batch"]
   c.optim.grad_accum_steps = grad_accum_steps
+  c.data.packing = packing  # packed rows need the segment mask (no key-length shortcut)
   return c
 
 
@@ -199,7 +200,7 @@ def main(argv=None):
   for name in o["configs"].split(","):
     spec = CONFIGS[name]
     batches = packed_batches(spec) if o["packing"] else padded_batches(spec)
-    runner = JaxRunner(spec, batches, gelu_approximate=o["gelu_approximate"],
+    runner = JaxRunner(spec, batches, packing=o["packing"], gelu_approximate=o["gelu_approximate"],
                        attention=o["attention"], dtype=o["dtype"], remat=o["remat"],
                        scan_layers=o["scan_layers"])
     peak = matmul_peak(jnp.dtype(runner.config.model.dtype))
