@@ -70,7 +70,7 @@ def documents(spec: dict, n: int, seed: int = 0):
 def padded_batches(spec: dict, n_batches: int = 4, seed: int = 0):
   """Right-padded batches; the same documents feed the PyTorch reference."""
   from lmmask.batching import batch_from_ids, pad_sequences
-  docs = documents(spec, n_batches * spec["batch"], seed)
+  docs = documents(spec, n_batches * spec["batch"] * 3, seed)  # the packed runs' stream
   out = []
   for i in range(n_batches):
     chunk = docs[i * spec["batch"]:(i + 1) * spec["batch"]]
