@@ -1,6 +1,6 @@
 """Issue 7 on 8 fake CPU devices (a subprocess: the main pytest process has 1 device).
 
-Sharded (8 data; 4 data x 2 fsdp; 2 x 4) and accumulated (4 micro-batches whose
+Sharded (8 data; 4 data x 2 fsdp) and accumulated (4 micro-batches whose
 real-token counts differ ~10x) losses and gradients equal the single-device,
 single-batch ones to 1e-5; checkpoints saved on one mesh restore onto others; the
 whole training loop runs on 4 x 2 and resumes on 8 x 1.
@@ -32,7 +32,7 @@ def test_sharded_and_accumulated_equal_single_device(mesh_result):
   assert mesh_result["devices"] == 8
   toks = mesh_result["micro_tokens"]
   assert max(toks) > 5 * min(toks)  # skewed micro-batches
-  assert set(mesh_result["grads"]) == {"8x1/accum1", "4x2/accum1", "4x2/accum4", "2x4/accum4"}
+  assert set(mesh_result["grads"]) == {"8x1/accum1", "4x2/accum1", "4x2/accum4"}
   for name, r in mesh_result["grads"].items():
     assert r["loss_rel"] < 1e-5, name
     assert r["grad_rel"] < 1e-5, name
