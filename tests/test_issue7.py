@@ -156,8 +156,6 @@ def test_pack_batch_matches_loop_reference():
   docs = _docs(np.random.default_rng(3))
   b, dropped = packing.pack_batch(docs, length=16, pad_id=PAD)
   assert dropped == []
-  ids = np.concatenate([b.inputs, b.targets[:, -1:]], axis=1)
-  seg = np.concatenate([b.segment_ids, np.zeros((b.shape[0], 1), np.int32)], axis=1)
   ids_full, seg_full, _ = packing.pack_documents(docs, length=16, pad_id=PAD)
   pos, lm = _np_packed_reference(ids_full, seg_full)
   np.testing.assert_array_equal(b.positions, pos)
@@ -167,7 +165,6 @@ def test_pack_batch_matches_loop_reference():
   assert sorted(len(d) for d in docs) == sorted(
       int((seg_full[r] == s).sum()) for r in range(len(seg_full)) for s in range(1, seg_full.max() + 1)
       if (seg_full[r] == s).any())
-  del ids, seg
 
 
 def test_pack_errors_and_dropping():
