@@ -23,8 +23,13 @@ def model():
   return Decoder(CFG, rngs=nnx.Rngs(0))
 
 
+@nnx.jit(static_argnames="causal")
+def _jit_forward(model, inputs, key_mask, causal):
+  return model(inputs, key_mask=key_mask, causal=causal)
+
+
 def forward(model, inputs, key_mask, causal=True):
-  return np.asarray(model(jnp.asarray(inputs), key_mask=jnp.asarray(key_mask), causal=causal))
+  return np.asarray(_jit_forward(model, jnp.asarray(inputs), jnp.asarray(key_mask), causal))
 
 
 def max_future_leak(model, causal=True, seed=0):
@@ -101,7 +106,9 @@ def test_planted_bug_bias_added_twice_gives_nan(monkeypatch, model):
   orig = masks.to_bias
   monkeypatch.setattr(model_lib.masks, "to_bias", lambda m, d: orig(m, d) + orig(m, d))
   b = make_batch([[1, 2], [1, 3, 4, 5, 6, 7, 2]], pad_id=PAD, pad_side="left")
-  assert np.isnan(forward(model, b.inputs, b.key_mask)).any()
+  # Eager call: a cached jit of the correct model would hide the patch.
+  out = model(jnp.asarray(b.inputs), key_mask=jnp.asarray(b.key_mask))
+  assert np.isnan(np.asarray(out)).any()
 
 
 def model_loss(model, b, reduction="token_mean"):
