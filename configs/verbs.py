@@ -91,7 +91,7 @@ def get_config(arg=None):
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 600                   # total optimizer steps (extending it resumes)
-  c.train.log_every = 50                # steps between metric log lines
+  c.train.log_every = 10                # steps between metric log lines
   c.train.eval_every = 100              # steps between validation passes
   c.train.ckpt_every = 200              # steps between checkpoints (one is always saved at the end)
   c.train.keep_checkpoints = 2          # latest checkpoints kept (the best one is kept apart)

@@ -1,7 +1,6 @@
 """Train state, the jitted steps, and the whole run (`train_and_evaluate`)."""
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
