@@ -36,6 +36,7 @@ class TrainState:
   schedule: Any = flax.struct.field(pytree_node=False)
   reduction: str = flax.struct.field(pytree_node=False, default="token_mean")
   causal: bool = flax.struct.field(pytree_node=False, default=True)
+  z_loss: float = flax.struct.field(pytree_node=False, default=0.0)  # loss.z_loss coefficient
 
   def model(self) -> Decoder:
     return nnx.merge(self.graphdef, self.params)
@@ -67,6 +68,8 @@ def validate_config(config) -> None:
   need(m.max_len >= d.length - 1, "model.max_len",
        f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
   losses.check_reduction(config.loss.reduction)
+  need(config.loss.get("z_loss", 0.0) >= 0, "loss.z_loss",
+       f"must be >= 0 (0 disables), got {config.loss.get('z_loss')}")
   need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
   need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   need(o.decay_steps > o.warmup_steps, "optim.decay_steps",
@@ -100,7 +103,8 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_rng, graphdef=graphdef, tx=tx, schedule=sched,
                     reduction=losses.check_reduction(config.loss.reduction),
-                    causal=bool(config.model.causal))
+                    causal=bool(config.model.causal),
+                    z_loss=float(config.loss.get("z_loss", 0.0)))
 
 
 # ---------------------------------------------------------------------------
@@ -120,8 +124,13 @@ def train_step(state: TrainState, batch: Batch):
 
   def loss_fn(params):
     logits = _forward(state, params, batch, deterministic=False, rng=rng)
-    return losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
-                                       reduction=state.reduction)
+    loss, metrics = losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
+                                                reduction=state.reduction)
+    if state.z_loss > 0:  # its own metric; metrics["loss"] stays the cross-entropy
+      z = losses.z_loss(logits, batch.loss_mask, coefficient=state.z_loss,
+                        reduction=state.reduction)
+      loss, metrics = loss + z, dict(metrics, z_loss=z)
+    return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
