@@ -22,6 +22,7 @@ from lmmask import checkpoint as ckpt
 from lmmask import losses, schedules
 from lmmask.batching import Batch
 from lmmask.data import pipeline, verbs
+from lmmask.data.source import DataSource
 from lmmask.model import Decoder, DecoderConfig, count_params
 
 
@@ -59,8 +60,9 @@ def validate_config(config) -> None:
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
   d, m, o, t = config.data, config.model, config.optim, config.train
-  need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
-       f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
+  if d.get("corpus", "verbs") == "verbs":
+    need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
+         f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
   need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
   for f in ("batch_size", "eval_batch_size", "length"):
     need(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
@@ -175,6 +177,24 @@ def load_verb_data(config):
   return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
 
 
+def load_data(config, workdir: str) -> DataSource:
+  """The corpus named by config.data.corpus: "verbs" (embedded) or "text" (files)."""
+  corpus = config.data.get("corpus", "verbs")
+  if corpus == "text":
+    from lmmask.data import text
+    return text.load_text_data(config, workdir)
+  if corpus != "verbs":
+    raise ValueError(f"config.data.corpus: unknown corpus {corpus!r}; valid: verbs, text")
+  vc, train_split, val_split = load_verb_data(config)
+  pad_id = vc.vocab.pad_id
+  return DataSource(
+      vocab_size=len(vc.vocab), pad_id=pad_id, info=vc,
+      train_batch=lambda step: pipeline.train_batch(
+          train_split, step=step, batch_size=config.data.batch_size, seed=config.seed,
+          pad_id=pad_id),
+      eval_sets=lambda: build_eval_sets(config, train_split, val_split, pad_id))
+
+
 def provenance() -> dict:
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -265,11 +285,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise PermissionError(f"workdir {workdir} is not writable; choose another --workdir")
   is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
 
-  corpus, train_split, val_split = load_verb_data(config)
-  pad_id = corpus.vocab.pad_id
+  data = load_data(config, workdir)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
-                             vocab_size=len(corpus.vocab))
-  eval_sets = build_eval_sets(config, train_split, val_split, pad_id)
+                             vocab_size=data.vocab_size)
+  eval_sets = data.eval_sets()
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
@@ -298,8 +317,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_done = 0
   try:
     for step in range(start, total):
-      batch = pipeline.train_batch(train_split, step=step, batch_size=config.data.batch_size,
-                                   seed=config.seed, pad_id=pad_id)
+      batch = data.train_batch(step)
       state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
       steps_done += 1
@@ -356,9 +374,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   from ml_collections import ConfigDict
   config = ConfigDict(ckpt.load_saved_config(workdir))
   setup_jax_cache(config.train.jax_cache_dir)
-  corpus, train_split, val_split = load_verb_data(config)
+  data = load_data(config, workdir)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
-                             vocab_size=len(corpus.vocab))
+                             vocab_size=data.vocab_size)
   sub = ckpt.CKPT_DIR if which == "latest" else ckpt.BEST_DIR
   mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False) \
       if os.path.isdir(os.path.join(workdir, sub)) else None
@@ -366,8 +384,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
   restored_step, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
   state = state.replace_from_tree(tree)
-  out = {"step": restored_step,
-         **run_evals(state, build_eval_sets(config, train_split, val_split,
-                                            corpus.vocab.pad_id))}
+  out = {"step": restored_step, **run_evals(state, data.eval_sets())}
   mngr.close()
   return out
