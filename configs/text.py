@@ -51,7 +51,7 @@ def get_config(arg=None):
   c.data.pad_token = "<pad>"            # special tokens (must exist in a given tokenizer)
   c.data.bos_token = "<bos>"
   c.data.eos_token = "<eos>"
-  c.data.length = 129                   # tokens per row (L); windows of a document overlap by 1
+  c.data.length = 65                    # tokens per row (L); windows of a document overlap by 1
   c.data.pack = True                    # pack short windows into one row (segment ids);
                                         # False: one window per padded row
   c.data.pad_side = "right"             # right | left (left only with pack=False)
@@ -62,11 +62,11 @@ def get_config(arg=None):
 
   c.model = config_dict.ConfigDict()
   c.model.vocab_size = -1               # -1: the tokenizer's size (checked if set)
-  c.model.d_model = 128                 # residual width
-  c.model.n_layers = 4                  # transformer blocks
+  c.model.d_model = 96                  # residual width
+  c.model.n_layers = 3                  # transformer blocks
   c.model.n_heads = 4                   # attention heads (d_model % n_heads == 0)
-  c.model.d_ff = 512                    # MLP hidden width (per branch for swiglu)
-  c.model.max_len = 128                 # >= data.length - 1 (the learned position table)
+  c.model.d_ff = 384                    # MLP hidden width (per branch for swiglu)
+  c.model.max_len = 64                  # >= data.length - 1 (the learned position table)
   c.model.dropout = 0.1                 # dropout on embeddings and residual branches
   c.model.dtype = "float32"             # activation dtype: float32 | bfloat16
   c.model.gelu_approximate = False      # False: exact GELU; True: tanh approximation
@@ -111,7 +111,7 @@ def get_config(arg=None):
     c.model.pos_encoding = "rope"
     c.model.norm = "rmsnorm"
     c.model.mlp = "swiglu"
-    c.model.d_ff = 352                  # 3 matrices of 128x352 ~ 2 of 128x512: same size
+    c.model.d_ff = 264                  # 3 matrices 96x264 ~ 2 of 96x384 (+ the position table)
   if args.get("tiny"):
     c.data.vocab_size = 300
     c.data.length = 33
