@@ -67,7 +67,7 @@ def get_config(arg=None):
   c.model.n_heads = 4                   # attention heads (d_model % n_heads == 0)
   c.model.d_ff = 384                    # MLP hidden width (per branch for swiglu)
   c.model.max_len = 64                  # >= data.length - 1 (the learned position table)
-  c.model.dropout = 0.1                 # dropout on embeddings and residual branches
+  c.model.dropout = 0.2                 # dropout on embeddings and residual branches
   c.model.dtype = "float32"             # activation dtype: float32 | bfloat16
   c.model.gelu_approximate = False      # False: exact GELU; True: tanh approximation
   c.model.init_std = 0.02               # std of the normal weight init
@@ -88,7 +88,7 @@ def get_config(arg=None):
   c.optim.lr = 1e-3                     # peak learning rate
   c.optim.warmup_steps = 50             # linear warmup from 0
   c.optim.schedule = "cosine"           # after warmup: cosine | linear | constant
-  c.optim.decay_steps = 600             # schedule horizon
+  c.optim.decay_steps = 400             # schedule horizon
   c.optim.end_lr_factor = 0.1           # final lr = lr * end_lr_factor
   c.optim.b1 = 0.9                      # AdamW beta1
   c.optim.b2 = 0.98                     # AdamW beta2
@@ -98,10 +98,10 @@ def get_config(arg=None):
   c.optim.clip_norm = 1.0               # global-norm clipping; 0 disables
 
   c.train = config_dict.ConfigDict()
-  c.train.steps = args.get("steps", 600)  # total optimizer steps (extending it resumes)
+  c.train.steps = args.get("steps", 400)  # total optimizer steps (extending it resumes)
   c.train.log_every = 50                # steps between metric log lines
-  c.train.eval_every = 100              # steps between validation passes
-  c.train.ckpt_every = 300              # steps between checkpoints (one is always saved at the end)
+  c.train.eval_every = 25               # steps between validation passes (cheap here)
+  c.train.ckpt_every = 200              # steps between checkpoints (one is always saved at the end)
   c.train.keep_checkpoints = 2          # latest checkpoints kept (the best one is kept apart)
   c.train.progress_bar = True           # tqdm bar on a terminal (never on a pipe)
   c.train.jax_cache_dir = "~/.cache/lmmask/jax"  # persistent compilation cache; "" disables
