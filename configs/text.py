@@ -66,7 +66,7 @@ def get_config(arg=None):
   c.model.n_layers = 3                  # transformer blocks
   c.model.n_heads = 4                   # attention heads (d_model % n_heads == 0)
   c.model.d_ff = 384                    # MLP hidden width (per branch for swiglu)
-  c.model.max_len = 64                  # >= data.length - 1 (the learned position table)
+  c.model.max_len = 64                  # >= data.length - 1 (position table; rope: a length cap)
   c.model.dropout = 0.2                 # dropout on embeddings and residual branches
   c.model.dtype = "float32"             # activation dtype: float32 | bfloat16
   c.model.gelu_approximate = False      # False: exact GELU; True: tanh approximation
