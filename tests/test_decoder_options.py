@@ -351,3 +351,29 @@ def test_cached_query_offset_matches_full_attention(name):
         twin_worst = max(twin_worst, gap)
   assert worst < 1e-5
   assert twin_worst > 1e-3
+
+
+def test_train_step_reports_z_loss_apart():
+  """metrics["loss"] is the cross-entropy alone; z_loss is its own metric and is
+  in the gradient (the same step without it has another gradient norm)."""
+  import jax
+  from conftest import tiny_config
+  from lmmask import train
+  from lmmask.data import pipeline, verbs
+  cfg = tiny_config(**{"model.dropout": 0.0, "loss.z_loss": 0.5})
+  corpus = verbs.build_corpus()
+  split = pipeline.pad_split(corpus.train, length=cfg.data.length, pad_id=0, pad_side="right")
+  batch = pipeline.train_batch(split, step=0, batch_size=8, seed=0, pad_id=0)
+  state = train.create_train_state(cfg, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  ce = train.eval_step(state, batch)
+  logits = train._forward(state, state.params, batch, deterministic=True)
+  z = losses.z_loss(logits, batch.loss_mask, coefficient=0.5)
+  step = jax.jit(train.train_step)
+  _, metrics = step(state, batch)
+  np.testing.assert_allclose(float(metrics["loss"]), float(ce["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["z_loss"]), float(z), rtol=1e-5)
+  assert float(z) > 1e-3
+  _, m0 = step(state.replace(z_loss=0.0), batch)
+  assert "z_loss" not in m0
+  assert float(m0["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-6)
+  assert abs(float(m0["grad_norm"]) - float(metrics["grad_norm"])) > 1e-4
