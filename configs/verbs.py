@@ -71,9 +71,17 @@ def get_config(arg=None):
   c.model.gelu_approximate = False      # False: exact GELU; True: tanh approximation
   c.model.init_std = 0.02               # std of the normal weight init
   c.model.causal = args.get("causal", True)  # False ONLY for the causal-break experiment
+  c.model.pos_encoding = "learned"      # learned (position table) | rope (rotary q/k)
+  c.model.rope_base = 10000.0           # rotary base; used only with pos_encoding=rope
+  c.model.norm = "layernorm"            # layernorm | rmsnorm
+  c.model.mlp = "gelu"                  # gelu (see gelu_approximate) | swiglu (d_ff per branch)
+  c.model.n_kv_heads = 0                # key/value heads: 0 = n_heads (MHA), 1 = MQA, else GQA
+  c.model.tie_embeddings = False        # True: the LM head is the token embedding transposed
 
   c.loss = config_dict.ConfigDict()
   c.loss.reduction = args.get("reduction", "token_mean")  # token_mean|seq_mean|seq_mean_of_means|sum
+  c.loss.z_loss = 0.0                   # z-loss coefficient (t5x: 1e-4); 0 disables; logged
+                                        # as `z_loss`, never part of the reported loss/PPL
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = "adamw"                # adamw | sgd

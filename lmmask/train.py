@@ -21,6 +21,7 @@ from lmmask import checkpoint as ckpt
 from lmmask import losses, schedules
 from lmmask.batching import Batch
 from lmmask.data import pipeline, verbs
+from lmmask.data.source import DataSource
 from lmmask.model import Decoder, DecoderConfig, count_params
 
 
@@ -35,6 +36,7 @@ class TrainState:
   schedule: Any = flax.struct.field(pytree_node=False)
   reduction: str = flax.struct.field(pytree_node=False, default="token_mean")
   causal: bool = flax.struct.field(pytree_node=False, default=True)
+  z_loss: float = flax.struct.field(pytree_node=False, default=0.0)  # loss.z_loss coefficient
 
   def model(self) -> Decoder:
     return nnx.merge(self.graphdef, self.params)
@@ -57,8 +59,9 @@ def validate_config(config) -> None:
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
   d, m, o, t = config.data, config.model, config.optim, config.train
-  need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
-       f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
+  if d.get("corpus", "verbs") == "verbs":
+    need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
+         f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
   need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
   for f in ("batch_size", "eval_batch_size", "length"):
     need(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
@@ -66,6 +69,8 @@ def validate_config(config) -> None:
   need(m.max_len >= d.length - 1, "model.max_len",
        f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
   losses.check_reduction(config.loss.reduction)
+  need(config.loss.get("z_loss", 0.0) >= 0, "loss.z_loss",
+       f"must be >= 0 (0 disables), got {config.loss.get('z_loss')}")
   need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
   need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   need(o.decay_steps > o.warmup_steps, "optim.decay_steps",
@@ -99,7 +104,8 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_rng, graphdef=graphdef, tx=tx, schedule=sched,
                     reduction=losses.check_reduction(config.loss.reduction),
-                    causal=bool(config.model.causal))
+                    causal=bool(config.model.causal),
+                    z_loss=float(config.loss.get("z_loss", 0.0)))
 
 
 # ---------------------------------------------------------------------------
@@ -119,8 +125,13 @@ def train_step(state: TrainState, batch: Batch):
 
   def loss_fn(params):
     logits = _forward(state, params, batch, deterministic=False, rng=rng)
-    return losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
-                                       reduction=state.reduction)
+    loss, metrics = losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
+                                                reduction=state.reduction)
+    if state.z_loss > 0:  # its own metric; metrics["loss"] stays the cross-entropy
+      z = losses.z_loss(logits, batch.loss_mask, coefficient=state.z_loss,
+                        reduction=state.reduction)
+      loss, metrics = loss + z, dict(metrics, z_loss=z)
+    return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -163,6 +174,24 @@ def load_verb_data(config):
   v = corpus.vocab
   kw = dict(length=config.data.length, pad_id=v.pad_id, pad_side=config.data.pad_side)
   return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
+
+
+def load_data(config, workdir: str) -> DataSource:
+  """The corpus named by config.data.corpus: "verbs" (embedded) or "text" (files)."""
+  corpus = config.data.get("corpus", "verbs")
+  if corpus == "text":
+    from lmmask.data import text
+    return text.load_text_data(config, workdir)
+  if corpus != "verbs":
+    raise ValueError(f"config.data.corpus: unknown corpus {corpus!r}; valid: verbs, text")
+  vc, train_split, val_split = load_verb_data(config)
+  pad_id = vc.vocab.pad_id
+  return DataSource(
+      vocab_size=len(vc.vocab), pad_id=pad_id, info=vc,
+      train_batch=lambda step: pipeline.train_batch(
+          train_split, step=step, batch_size=config.data.batch_size, seed=config.seed,
+          pad_id=pad_id),
+      eval_sets=lambda: build_eval_sets(config, train_split, val_split, pad_id))
 
 
 def provenance() -> dict:
@@ -255,11 +284,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise PermissionError(f"workdir {workdir} is not writable; choose another --workdir")
   is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
 
-  corpus, train_split, val_split = load_verb_data(config)
-  pad_id = corpus.vocab.pad_id
+  data = load_data(config, workdir)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
-                             vocab_size=len(corpus.vocab))
-  eval_sets = build_eval_sets(config, train_split, val_split, pad_id)
+                             vocab_size=data.vocab_size)
+  eval_sets = data.eval_sets()
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
@@ -288,8 +316,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_done = 0
   try:
     for step in range(start, total):
-      batch = pipeline.train_batch(train_split, step=step, batch_size=config.data.batch_size,
-                                   seed=config.seed, pad_id=pad_id)
+      batch = data.train_batch(step)
       state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
       steps_done += 1
@@ -346,9 +373,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   from ml_collections import ConfigDict
   config = ConfigDict(ckpt.load_saved_config(workdir))
   setup_jax_cache(config.train.jax_cache_dir)
-  corpus, train_split, val_split = load_verb_data(config)
+  data = load_data(config, workdir)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
-                             vocab_size=len(corpus.vocab))
+                             vocab_size=data.vocab_size)
   sub = ckpt.CKPT_DIR if which == "latest" else ckpt.BEST_DIR
   mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False) \
       if os.path.isdir(os.path.join(workdir, sub)) else None
@@ -356,8 +383,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
   restored_step, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
   state = state.replace_from_tree(tree)
-  out = {"step": restored_step,
-         **run_evals(state, build_eval_sets(config, train_split, val_split,
-                                            corpus.vocab.pad_id))}
+  out = {"step": restored_step, **run_evals(state, data.eval_sets())}
   mngr.close()
   return out
