@@ -5,6 +5,7 @@
   python launch.py --config=configs/verbs.py --workdir=DIR --config.optim.lr=1e-3
 """
 import json
+import re
 import sys
 
 from absl import app, flags, logging
@@ -29,6 +30,23 @@ def _print_metrics(title, results):
       print(f"  {key:18s} {v:.4f}" if isinstance(v, float) else f"  {key:18s} {v}")
 
 
+def _parse_flags(argv):
+  """absl's parser, but a misspelled --config.* override gets one clear line, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown field
+    text = str(e)
+    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    key = hint.group(2) if hint else (re.findall(r"\w+", text) or ["?"])[0]
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    culprit = [a for a in overrides if key in a.split(".")[1:]] or overrides
+    sys.stderr.write(
+        f"FATAL Flags parsing error: {', '.join(culprit)}: the config has no field {key!r}"
+        + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+        + "; fix the override's spelling (the fields are defined in the --config file)\n")
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -48,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

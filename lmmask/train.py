@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from lmmask import checkpoint as ckpt
-from lmmask import losses, schedules
+from lmmask import losses, preempt, schedules
 from lmmask.batching import Batch
 from lmmask.data import pipeline, verbs
 from lmmask.data.source import DataSource
@@ -37,6 +37,7 @@ class TrainState:
   reduction: str = flax.struct.field(pytree_node=False, default="token_mean")
   causal: bool = flax.struct.field(pytree_node=False, default=True)
   z_loss: float = flax.struct.field(pytree_node=False, default=0.0)  # loss.z_loss coefficient
+  skip_nonfinite: bool = flax.struct.field(pytree_node=False, default=False)  # train.nonfinite
 
   def model(self) -> Decoder:
     return nnx.merge(self.graphdef, self.params)
@@ -53,6 +54,18 @@ class TrainState:
 # ---------------------------------------------------------------------------
 # Config checks and construction.
 
+NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite
+RESUME_POLICIES = ("auto", "require")  # train.resume
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def validate_config(config) -> None:
   """Clear errors for values that would otherwise fail deep inside a run."""
   def need(cond, field, msg):
@@ -66,12 +79,17 @@ def validate_config(config) -> None:
   for f in ("batch_size", "eval_batch_size", "length"):
     need(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
   need(d.length >= 2, "data.length", "must be >= 2 (an input and a target)")
+  for f in ("d_model", "n_layers", "n_heads", "d_ff", "max_len"):
+    need(_is_int(m[f]) and m[f] > 0, f"model.{f}", f"must be a positive int, got {m[f]!r}")
+  need(m.d_model % m.n_heads == 0, "model.d_model",
+       f"{m.d_model} is not divisible by model.n_heads={m.n_heads}; make d_model a multiple "
+       f"of n_heads (e.g. {m.n_heads * max(1, m.d_model // m.n_heads)}) or change n_heads")
   need(m.max_len >= d.length - 1, "model.max_len",
        f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
   losses.check_reduction(config.loss.reduction)
   need(config.loss.get("z_loss", 0.0) >= 0, "loss.z_loss",
        f"must be >= 0 (0 disables), got {config.loss.get('z_loss')}")
-  need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+  need(_is_num(o.lr) and o.lr > 0, "optim.lr", f"must be a number > 0, got {o.lr!r}")
   need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   need(o.decay_steps > o.warmup_steps, "optim.decay_steps",
        f"{o.decay_steps} must exceed warmup_steps={o.warmup_steps}")
@@ -82,6 +100,10 @@ def validate_config(config) -> None:
   need(o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0, got {o.clip_norm}")
   for f in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     need(isinstance(t[f], int) and t[f] > 0, f"train.{f}", f"must be a positive int, got {t[f]!r}")
+  need(t.get("nonfinite", "stop") in NONFINITE_POLICIES, "train.nonfinite",
+       f"unknown policy {t.get('nonfinite')!r}; valid: {', '.join(NONFINITE_POLICIES)}")
+  need(t.get("resume", "auto") in RESUME_POLICIES, "train.resume",
+       f"unknown policy {t.get('resume')!r}; valid: {', '.join(RESUME_POLICIES)}")
 
 
 def decoder_config(config, vocab_size: int) -> DecoderConfig:
@@ -105,7 +127,8 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
                     rng=train_rng, graphdef=graphdef, tx=tx, schedule=sched,
                     reduction=losses.check_reduction(config.loss.reduction),
                     causal=bool(config.model.causal),
-                    z_loss=float(config.loss.get("z_loss", 0.0)))
+                    z_loss=float(config.loss.get("z_loss", 0.0)),
+                    skip_nonfinite=config.train.get("nonfinite", "stop") == "skip")
 
 
 # ---------------------------------------------------------------------------
@@ -136,9 +159,17 @@ def train_step(state: TrainState, batch: Batch):
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=optax.global_norm(grads),
+  grad_norm = optax.global_norm(grads)
+  extra = {}
+  if state.skip_nonfinite:  # static: a non-finite step keeps params and opt state, bit for bit
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    extra["skipped"] = (~finite).astype(jnp.float32)
+  metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=grad_norm,
                  update_norm=optax.global_norm(updates), param_norm=optax.global_norm(params),
-                 real_tokens=batch.key_mask.sum())
+                 real_tokens=batch.key_mask.sum(), **extra)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -280,9 +311,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate_config(config)
   setup_jax_cache(config.train.jax_cache_dir)
   cfg_dict = ckpt.config_to_dict(config)
-  if os.path.exists(workdir) and not os.access(workdir, os.W_OK):
-    raise PermissionError(f"workdir {workdir} is not writable; choose another --workdir")
+  ckpt.check_workdir(workdir)
   is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
+  if config.train.get("resume", "auto") == "require" and not ckpt.committed_steps(workdir):
+    raise FileNotFoundError(
+        f"train.resume='require' but {os.path.join(workdir, ckpt.CKPT_DIR)} holds no "
+        f"checkpoint to resume from; check --workdir, or set train.resume=auto to start "
+        f"from step 0")
 
   data = load_data(config, workdir)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
@@ -296,14 +331,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints)
   best = ckpt.manager(workdir, ckpt.BEST_DIR, 1)
   best_val = math.inf
+  skips = 0  # updates dropped by train.nonfinite=skip, over the whole experiment
   if mngr.latest_step() is not None:
-    _, tree, meta = ckpt.restore(mngr, None, state.checkpoint_tree())
+    _, tree, meta = ckpt.restore(mngr, None, state.checkpoint_tree(),
+                                 quarantine=os.path.join(workdir, ckpt.DAMAGED_DIR))
     state = state.replace_from_tree(tree)
     best_val = meta.get("best_val_loss", math.inf)
+    skips = int(meta.get("nonfinite_skips", 0))
     print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
 
   total = config.train.steps
-  meta = lambda: {"config": cfg_dict, "best_val_loss": best_val}  # noqa: E731
+  meta = lambda: {"config": cfg_dict, "best_val_loss": best_val,  # noqa: E731
+                  "nonfinite_skips": skips}
   logger = _Logger(workdir)
   step_fn = jax.jit(train_step, donate_argnums=0)
   start = int(state.step)
@@ -314,6 +353,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   window_t, window_tokens = time.perf_counter(), 0.0
   steps_done = 0
+  completed = False
+  stop = preempt.StopSignals().install()  # SIGTERM/SIGINT: finish step, save, exit 128+signum
   try:
     for step in range(start, total):
       batch = data.train_batch(step)
@@ -321,12 +362,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       metrics = jax.device_get(metrics)
       steps_done += 1
       done = step + 1
-      if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+      bad = [name for name, key in (("loss", "loss"), ("gradient norm", "grad_norm"))
+             if not np.isfinite(metrics[key])]
+      if bad and state.skip_nonfinite:
+        skips += 1
+        print(f"lmmask: non-finite {' and '.join(bad)} at step {done}; update skipped "
+              f"(train.nonfinite=skip, {skips} skipped so far)", file=sys.stderr, flush=True)
+      elif bad:
         raise FloatingPointError(
-            f"non-finite {'loss' if not np.isfinite(metrics['loss']) else 'gradient norm'} "
-            f"at step {done} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
-            f"the last good checkpoint is kept in {mngr.directory}. Lower optim.lr or "
-            f"check the data.")
+            f"non-finite {' and '.join(bad)} at step {done} (loss={metrics['loss']}, "
+            f"grad_norm={metrics['grad_norm']}); stopped without saving it: the last good "
+            f"checkpoint is kept in {mngr.directory}. Lower optim.lr, check the data, or "
+            f"rerun with train.nonfinite=skip to skip such updates.")
+      if state.skip_nonfinite:
+        metrics["nonfinite_skips"] = skips
       window_tokens += float(metrics["real_tokens"])
       if bar is not None:
         bar.update(1)
@@ -348,12 +397,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
           ckpt.save(best, done, state.checkpoint_tree(), meta())
       if _is_due(done, config.train.ckpt_every, total):
         ckpt.save(mngr, done, state.checkpoint_tree(), meta())
+      if stop.requested and done < total:
+        ckpt.save(mngr, done, state.checkpoint_tree(), meta())  # no-op if just saved
+        ckpt.finish(mngr)
+        ckpt.finish(best)
+        msg = (f"lmmask: stopped by {stop.name} after step {done} of {total}; checkpoint "
+               f"step {done} is complete in {mngr.directory}. Rerun the same command to "
+               f"resume. Exit code {128 + stop.signum}.")
+        print(msg, file=sys.stderr, flush=True)
+        raise preempt.Interrupted(stop.signum, done, msg)
+    completed = True
   finally:
     if bar is not None:
       bar.close()
-    mngr.wait_until_finished()
-    best.wait_until_finished()
+    # Always wait for saves in flight (an interrupted save must not be left behind);
+    # a failed save is reported unless another error is already on its way out.
+    errors = []
+    for m in (mngr, best):
+      try:
+        ckpt.finish(m)
+      except ckpt.CheckpointSaveError as e:
+        errors.append(e)
     logger.close()
+    stop.restore()
+    if errors and completed:
+      raise errors[0]
   elapsed = time.perf_counter() - t0
 
   results = {"step": int(state.step), **run_evals(state, eval_sets),
@@ -361,7 +429,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "num_params": count_params(state.model()),
              "steps_per_sec": steps_done / elapsed if steps_done else None,
              "train_seconds": elapsed, "split": config.data.split,
-             "reduction": config.loss.reduction, "causal": bool(config.model.causal)}
+             "reduction": config.loss.reduction, "causal": bool(config.model.causal),
+             "nonfinite_skips": skips}
   ckpt.atomic_write_json(os.path.join(workdir, "results.json"), results)
   mngr.close()
   best.close()
