@@ -31,20 +31,27 @@ def _print_metrics(title, results):
 
 
 def _parse_flags(argv):
-  """absl's parser, but a misspelled --config.* override gets one clear line, not a traceback."""
+  """absl's flag parsing, but errors in --config (a misspelled override, a bad variant)
+  come out as one clear message instead of a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown field
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # bad value; a config file error carries its traceback inside
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if any(l.startswith("Traceback") for l in lines):
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    message = " -- ".join(lines)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
     text = str(e)
     hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
     key = hint.group(2) if hint else (re.findall(r"\w+", text) or ["?"])[0]
     overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     culprit = [a for a in overrides if key in a.split(".")[1:]] or overrides
-    sys.stderr.write(
-        f"FATAL Flags parsing error: {', '.join(culprit)}: the config has no field {key!r}"
-        + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
-        + "; fix the override's spelling (the fields are defined in the --config file)\n")
-    sys.exit(1)
+    message = (f"{', '.join(culprit)}: the config has no field {key!r}"
+               + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+               + "; fix the override's spelling (the fields are defined in the --config file)")
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                   "Pass --helpshort or --helpfull to see help on flags.\n")
+  sys.exit(1)
 
 
 def main(argv):

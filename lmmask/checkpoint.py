@@ -161,6 +161,8 @@ def manager(workdir: str, sub: str, keep: int, create: bool = True) -> ocp.Check
   step directories of interrupted saves; create=False (eval) only reads.
   """
   directory = os.path.abspath(os.path.join(workdir, sub))
+  if create:
+    _remove_tmp_dirs(directory)  # saves cut short by a crash (orbax would also do it, later)
   opts = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
                                       cleanup_tmp_directories=create)
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
@@ -178,8 +180,20 @@ def _remove_tmp_dirs(directory) -> list[str]:
   return gone
 
 
+def _drain(mngr, timeout: float = 120.0):
+  """After a failed save, wait for that save's other background writes to end (orbax
+  raises at the first failing one while the rest keep writing into the temporary dir)."""
+  async_manager = getattr(getattr(mngr, "_checkpointer", None), "_async_manager", None)
+  for fut in list(getattr(async_manager, "_commit_futures", None) or []):
+    try:
+      fut.result(timeout=timeout)
+    except Exception:  # noqa: BLE001 - the failure itself is reported by the caller
+      pass
+
+
 def _save_failed(mngr, step, err: BaseException):
   mngr.lmmask_pending = None
+  _drain(mngr)
   _remove_tmp_dirs(mngr.directory)
   mngr.reload()
   done = sorted(mngr.all_steps())
@@ -253,10 +267,11 @@ def check_fits(mngr, step: int, target):
   shape or dtype. Errors reading the metadata propagate (a damaged checkpoint)."""
   saved = _flat_shapes(mngr.item_metadata(step)["state"].tree)
   want = _flat_shapes(target)
+  order = lambda k: (not k.startswith("params"), k)  # noqa: E731 - parameters first
   problems = [f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, model {want[k][0]} {want[k][1]}"
-              for k in sorted(set(saved) & set(want)) if saved[k] != want[k]]
-  problems += [f"{k}: only in the checkpoint" for k in sorted(set(saved) - set(want))]
-  problems += [f"{k}: only in the model" for k in sorted(set(want) - set(saved))]
+              for k in sorted(set(saved) & set(want), key=order) if saved[k] != want[k]]
+  problems += [f"{k}: only in the checkpoint" for k in sorted(set(saved) - set(want), key=order)]
+  problems += [f"{k}: only in the model" for k in sorted(set(want) - set(saved), key=order)]
   if problems:
     more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
     raise CheckpointMismatchError(

@@ -77,7 +77,7 @@ def validate_config(config) -> None:
          f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
   need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
   for f in ("batch_size", "eval_batch_size", "length"):
-    need(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
+    need(_is_int(d[f]) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
   need(d.length >= 2, "data.length", "must be >= 2 (an input and a target)")
   for f in ("d_model", "n_layers", "n_heads", "d_ff", "max_len"):
     need(_is_int(m[f]) and m[f] > 0, f"model.{f}", f"must be a positive int, got {m[f]!r}")
@@ -86,7 +86,8 @@ def validate_config(config) -> None:
        f"of n_heads (e.g. {m.n_heads * max(1, m.d_model // m.n_heads)}) or change n_heads")
   need(m.max_len >= d.length - 1, "model.max_len",
        f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
-  losses.check_reduction(config.loss.reduction)
+  need(config.loss.reduction in losses.REDUCTIONS, "loss.reduction",
+       f"unknown reduction {config.loss.reduction!r}; valid: {', '.join(losses.REDUCTIONS)}")
   need(config.loss.get("z_loss", 0.0) >= 0, "loss.z_loss",
        f"must be >= 0 (0 disables), got {config.loss.get('z_loss')}")
   need(_is_num(o.lr) and o.lr > 0, "optim.lr", f"must be a number > 0, got {o.lr!r}")
@@ -99,7 +100,7 @@ def validate_config(config) -> None:
        f"unknown {o.name!r}; valid: {', '.join(schedules.OPTIMIZERS)}")
   need(o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0, got {o.clip_norm}")
   for f in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
-    need(isinstance(t[f], int) and t[f] > 0, f"train.{f}", f"must be a positive int, got {t[f]!r}")
+    need(_is_int(t[f]) and t[f] > 0, f"train.{f}", f"must be a positive int, got {t[f]!r}")
   need(t.get("nonfinite", "stop") in NONFINITE_POLICIES, "train.nonfinite",
        f"unknown policy {t.get('nonfinite')!r}; valid: {', '.join(NONFINITE_POLICIES)}")
   need(t.get("resume", "auto") in RESUME_POLICIES, "train.resume",
@@ -327,7 +328,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   if is_new:
     ckpt.atomic_write_json(os.path.join(workdir, ckpt.CONFIG_FILE), cfg_dict)
-  ckpt.atomic_write_json(os.path.join(workdir, "provenance.json"), provenance())
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints)
   best = ckpt.manager(workdir, ckpt.BEST_DIR, 1)
   best_val = math.inf
@@ -339,6 +339,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     best_val = meta.get("best_val_loss", math.inf)
     skips = int(meta.get("nonfinite_skips", 0))
     print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+  ckpt.atomic_write_json(os.path.join(workdir, "provenance.json"), provenance())
 
   total = config.train.steps
   meta = lambda: {"config": cfg_dict, "best_val_loss": best_val,  # noqa: E731
