@@ -11,8 +11,8 @@ Checkpoint safety (see docs/issue8.md, "Resuming and failures"):
     complete, so an interrupted save never becomes a step; leftovers are removed
     when a training run opens the directory, and after a failed save.
   * keep-last-N is done here, not by orbax: older steps are deleted only after
-    a newer save has finished without error (orbax would schedule the deletion
-    even for a save that later fails).
+    a newer save has finished without error (orbax picks the steps to delete when
+    a save starts and drops them from its step list even if that save fails).
   * `restore` checks shapes against the target first (a mismatch is a
     `CheckpointMismatchError`, never a fallback), then reads the newest step;
     a damaged one is reported and the previous step is tried.
@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 RESUMABLE_FIELDS = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.keep_checkpoints", "train.progress_bar", "train.jax_cache_dir",
-    "train.nonfinite", "train.resume",  # failure policy; switching to "skip" after a stop is how to go on
+    "train.nonfinite", "train.resume",  # failure policy: "skip" after a NaN stop is how to go on
 })
 
 CONFIG_FILE = "config.json"
