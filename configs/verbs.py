@@ -106,7 +106,7 @@ def get_config(arg=None):
   c.train.progress_bar = True           # tqdm bar on a terminal (never on a pipe)
   c.train.jax_cache_dir = "~/.cache/lmmask/jax"  # persistent compilation cache; "" disables
   # Failure handling (docs: "Resuming and failures"); both may change when resuming.
-  c.train.nonfinite = "stop"            # NaN/inf loss or grads: stop | skip (drop the update, count it)
+  c.train.nonfinite = "stop"            # NaN/inf loss or grads: stop | skip (drop update, count)
   c.train.resume = "auto"               # auto: continue from the latest checkpoint, else start;
                                         # require: refuse to start without a checkpoint
 

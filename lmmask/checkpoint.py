@@ -346,7 +346,8 @@ def restore(mngr: ocp.CheckpointManager, step: int | None, target, *,
       mngr.reload()
     return s, out["state"], meta
   what = f"checkpoint step {step}" if step is not None else f"all {len(steps)} checkpoint(s)"
+  reasons = "\n  ".join(f"step {s}: {why}" for s, why in damaged)
   raise CheckpointDamagedError(
-      f"{what} in {mngr.directory} could not be read:\n  " + "\n  ".join(f"step {s}: {why}" for s, why in damaged) +
+      f"{what} in {mngr.directory} could not be read:\n  {reasons}"
       "\nRestore the files from a backup, choose another --step, or move the directory "
       "away to start over.")

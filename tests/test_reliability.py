@@ -135,17 +135,14 @@ def test_nonfinite_skip_counts_and_persists_across_resume(tmp_path, monkeypatch)
   config = tiny_config(**{"train.nonfinite": "skip", "train.steps": 20})
   results = train.train_and_evaluate(config, wd)
   assert results["nonfinite_skips"] == 3 and np.isfinite(results["train_loss"])
+  # keep_checkpoints=2 pruned step 10 once 20 was complete; best/ keeps one
+  assert ckpt.committed_steps(wd) == [12, 20]
+  assert len(ckpt.committed_steps(wd, ckpt.BEST_DIR)) == 1
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert max(r.get("nonfinite_skips", 0) for r in rows) == 3
 
 
 # --- checkpoints: keep-last-N, interrupted saves, damage -----------------------------------
-
-def test_keep_last_n(tiny_run):
-  wd, _ = tiny_run  # 20 steps, a checkpoint every 10, keep 2; best kept apart
-  assert ckpt.committed_steps(wd) == [10, 20]
-  assert len(ckpt.committed_steps(wd, ckpt.BEST_DIR)) == 1
-
 
 def test_interrupted_save_is_never_a_step(tiny_run, tmp_path):
   wd = _copy(tiny_run[0], tmp_path / "wd")
@@ -221,24 +218,36 @@ def test_sigint_finishes_step_saves_and_resumes_exactly(tiny_run, tmp_path, monk
   monkeypatch.setattr(pipeline, "train_batch", real)
   assert train.train_and_evaluate(tiny_config(), wd)["step"] == 20
   assert "resumed from step 13" in capsys.readouterr().out
+  assert ckpt.committed_steps(wd) == [13, 20]  # keep 2: step 10 went once 20 was complete
   assert _same_bits(_params_at(wd, 20)[1], _params_at(tiny_run[0], 20)[1])
 
 
-# Long enough that a checkpoint appears well before the end (~1 s of steps remain).
-_LONG = {"train.steps": 150, "train.ckpt_every": 10, "train.eval_every": 50,
-         "train.log_every": 50}
+# The subprocess runs launch.py unchanged (flags, config, app.run) with one test-only
+# wrapper: a sleep before each step, which leaves the results untouched but gives a
+# wide window to send a signal after the first checkpoint. The command is the tiny
+# config that the session's `tiny_run` trained in-process: that run is the reference.
+_WRAPPER = """
+import os, runpy, sys, time
+from lmmask.data import pipeline
+_real, _pause = pipeline.train_batch, float(os.environ["LMMASK_TEST_STEP_SLEEP"])
+def _slow(*args, **kwargs):
+  time.sleep(_pause)
+  return _real(*args, **kwargs)
+pipeline.train_batch = _slow
+sys.argv[0] = os.path.join(os.environ["PYTHONPATH"], "launch.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def _launch_cmd(workdir):
-  args = [f"--config.{k}={v}" for k, v in _LONG.items()]
   cache = os.environ.get("LMMASK_TEST_JAX_CACHE", "")
-  return [sys.executable, os.path.join(REPO, "launch.py"), "--config=configs/verbs.py:tiny",
+  return [sys.executable, "-c", _WRAPPER, "--config=configs/verbs.py:tiny",
           f"--workdir={workdir}", "--config.train.progress_bar=False",
-          f"--config.train.jax_cache_dir={cache}", *args]
+          f"--config.train.jax_cache_dir={cache}"]
 
 
 def _env():
-  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", LMMASK_TEST_STEP_SLEEP="0.05")
 
 
 def _start_and_wait_for_checkpoint(workdir, timeout=120):
@@ -250,30 +259,30 @@ def _start_and_wait_for_checkpoint(workdir, timeout=120):
       proc.kill()
       out, err = proc.communicate()
       pytest.fail(f"no checkpoint appeared (rc={proc.returncode}):\n{err[-3000:]}")
-    time.sleep(0.01)
+    time.sleep(0.005)
   return proc
 
 
+def _no_tmp_dirs(workdir):
+  return not glob.glob(os.path.join(workdir, "**", "*" + ckpt.TMP_SUFFIX + "*"), recursive=True)
+
+
 @pytest.mark.slow
-def test_sigkill_then_same_command_is_bit_identical(tmp_path):
-  ref = str(tmp_path / "ref")
-  train.train_and_evaluate(tiny_config(**_LONG), ref)
-  assert ckpt.committed_steps(ref) == [140, 150]  # keep_checkpoints=2
+def test_sigkill_then_same_command_is_bit_identical(tiny_run, tmp_path):
   wd = str(tmp_path / "wd")
   proc = _start_and_wait_for_checkpoint(wd)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   killed_at = max(ckpt.committed_steps(wd))
-  assert killed_at < 150, "the run finished before it could be killed"
+  assert killed_at < 20, "the run finished before it could be killed"
   again = subprocess.run(_launch_cmd(wd), capture_output=True, text=True, env=_env(), cwd=REPO,
                          timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   resumed = int(again.stdout.split("resumed from step ")[1].split()[0])
-  assert 10 <= resumed < 150
-  assert not glob.glob(os.path.join(wd, "**", "*" + ckpt.TMP_SUFFIX + "*"), recursive=True)
-  config = tiny_config(**_LONG)
-  assert _same_bits(_params_at(wd, 150, config)[1], _params_at(ref, 150, config)[1])
+  assert 10 <= resumed < 20 and _no_tmp_dirs(wd)
+  assert ckpt.committed_steps(wd) == [10, 20]
+  assert _same_bits(_params_at(wd, 20)[1], _params_at(tiny_run[0], 20)[1])
 
 
 @pytest.mark.slow
@@ -286,7 +295,6 @@ def test_sigterm_saves_waits_and_exits_143(tmp_path):
   assert "received SIGTERM" in err and "stopped by SIGTERM after step" in err
   assert "Traceback" not in err
   stopped = int(err.split("stopped by SIGTERM after step ")[1].split()[0])
-  assert 10 <= stopped < 150 and max(ckpt.committed_steps(wd)) == stopped
-  assert not glob.glob(os.path.join(wd, "**", "*" + ckpt.TMP_SUFFIX + "*"), recursive=True)
-  assert not os.path.exists(os.path.join(wd, "results.json"))
-  assert _params_at(wd, None, tiny_config(**_LONG))[0] == stopped  # complete and readable
+  assert 10 <= stopped < 20 and max(ckpt.committed_steps(wd)) == stopped
+  assert _no_tmp_dirs(wd) and not os.path.exists(os.path.join(wd, "results.json"))
+  assert _params_at(wd)[0] == stopped  # complete and readable
