@@ -212,8 +212,17 @@ def prune(mngr):
   if not keep:
     return
   mngr.reload()
-  for step in sorted(mngr.all_steps())[:-keep]:
-    mngr.delete(step)
+  old = sorted(mngr.all_steps())[:-keep]
+  for step in old:
+    # Rename first: a crash during the removal leaves a temporary directory (ignored,
+    # and removed by the next run), never a half-deleted step that looks complete.
+    path = os.path.join(str(mngr.directory), str(step))
+    doomed = f"{path}{TMP_SUFFIX}-deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+  if old:
+    mngr.reload()
 
 
 def finish(mngr):
