@@ -3,6 +3,8 @@
   python launch.py --config=configs/verbs.py --workdir=/tmp/lmmask/verbs
   python launch.py --mode=eval --workdir=/tmp/lmmask/verbs [--step=N]
   python launch.py --config=configs/verbs.py --workdir=DIR --config.optim.lr=1e-3
+  python launch.py --config=configs/sweeps/lr.py --workdir=DIR --mode=sweep [--dry_run]
+  python launch.py --mode=aggregate --workdir=DIR   # sweep results.csv/.md + plots
 """
 import json
 import re
@@ -15,10 +17,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/verbs.py[:variant].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sweep", "aggregate"],
+                          "What to run (sweep/aggregate take a configs/sweeps/ file).")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "sweep: print one launch command per point instead of running.")
 
 
 def _print_metrics(title, results):
@@ -70,6 +75,19 @@ def main(argv):
     results = train.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _WHICH.value)
     _print_metrics(f"eval of {_WHICH.value} checkpoint in {_WORKDIR.value}:", results)
     print(json.dumps(results), file=sys.stderr)
+  elif _MODE.value in ("sweep", "aggregate"):
+    from lmmask import sweep
+    if _MODE.value == "sweep" and _CONFIG.value is None:
+      raise app.UsageError("--config=configs/sweeps/X.py is required for --mode=sweep")
+    if _MODE.value == "aggregate":
+      rows = sweep.aggregate(_WORKDIR.value, _CONFIG.value)
+    elif _DRY_RUN.value:
+      print("\n".join(sweep.commands(_CONFIG.value, _WORKDIR.value, f"python {sys.argv[0]}")))
+      return
+    else:
+      rows = sweep.run(_CONFIG.value, _WORKDIR.value)
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} points done; see {_WORKDIR.value}/results.md, results.csv, plots/")
 
 
 if __name__ == "__main__":
