@@ -250,3 +250,31 @@ def format_report(metrics: dict, extras: dict) -> str:
       lines.append(f"    [{mark}] {r['prompt']:28s} -> {r['completion']!r:28s} "
                    f"ref {r['reference']!r}")
   return "\n".join(lines)
+
+
+def generate_text(workdir: str, prompts, *, step=None, which: str = "latest",
+                  max_new_tokens: int = 8, temperature: float = 0.0, top_k=None, top_p=None,
+                  seed: int = 0):
+  """[(prompt, completion)] from a workdir's checkpoint; <bos> is added to each prompt."""
+  _, corpus, _, _, state, _ = load_state(workdir, step, which)
+  v = corpus.vocab
+  ids = []
+  for p in prompts:
+    words = [w for w in p.split() if w != verbs.BOS]
+    if not words:
+      raise ValueError(f"prompt {p!r} is empty; give at least one word, e.g. 'yo como /'")
+    unknown = [w for w in words if w not in v.tokens]
+    if unknown:
+      raise ValueError(f"prompt {p!r} has words outside the vocabulary: {unknown}")
+    ids.append([v.bos_id] + [v.id(w) for w in words])
+  rng = jax.random.PRNGKey(seed) if temperature > 0 else None
+  gen = decode.generate(state, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, rng=rng, eos_id=v.eos_id, pad_id=v.pad_id)
+  out = []
+  for p, toks in zip(prompts, gen.tokens):
+    text = v.decode(decode.strip_after_eos(toks, eos_id=v.eos_id, pad_id=v.pad_id),
+                    strip_special=False)
+    if v.eos_id not in toks.tolist():
+      text += f"  [no <eos> within {max_new_tokens} tokens]"
+    out.append((p, text))
+  return out
