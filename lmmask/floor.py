@@ -1,7 +1,8 @@
 """The empirical entropy floor of the training set, and the alarm that watches it.
 
-With p_emp(x_t | x_<t) = count(x_<=t) / count(x_<t), counted in a trie of the
-training sequences, the floor is the token mean of -log p_emp over the training
+With p_emp(x_t | x_<t) = count(x_<=t) / count(x_<t continued by any token), counted
+in a trie of the training sequences (the two counts agree when every sequence ends
+in <eos>), the floor is the token mean of -log p_emp over the training
 targets (every token after <bos>, the ones the loss mask counts). For each prefix,
 p_emp is the maximum-likelihood next-token distribution (Gibbs' inequality), so a
 model that only sees the prefix - any causally masked model - has a token-mean
@@ -22,10 +23,11 @@ from absl import logging
 
 
 class _Node:
-  __slots__ = ("count", "children")
+  __slots__ = ("count", "continued", "children")
 
   def __init__(self):
-    self.count = 0
+    self.count = 0       # sequences through this prefix
+    self.continued = 0   # of those, the ones with a next token (the denominator)
     self.children = {}
 
 
@@ -35,6 +37,7 @@ def build_trie(sequences: Iterable[Sequence[int]]) -> _Node:
     node = root
     node.count += 1
     for tok in seq:
+      node.continued += 1
       node = node.children.setdefault(int(tok), _Node())
       node.count += 1
   return root
@@ -53,7 +56,7 @@ def floor_terms(sequences: Sequence[Sequence[int]]):
     node = root.children[int(seq[0])]
     for tok in seq[1:]:
       child = node.children[int(tok)]
-      total -= math.log(child.count / node.count)
+      total -= math.log(child.count / node.continued)
       count += 1
       node = child
   return total, count
