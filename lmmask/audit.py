@@ -15,12 +15,13 @@ as PNG heat maps for a few examples.
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lmmask import checkpoint as ckpt
 from lmmask.data import pipeline
@@ -31,29 +32,34 @@ def future_region(length: int, t):
   return jnp.arange(length) > t
 
 
-def _forward(state, batch):
-  from lmmask import train
-  return train._forward(state, state.params, batch, deterministic=True)
+def _forward(graphdef, params, causal, batch, return_attention=False):
+  """The model called as `train._forward` calls it in evaluation (dropout off)."""
+  model = nnx.merge(graphdef, params)
+  return model(batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
+               segment_ids=batch.segment_ids, causal=causal,
+               return_attention=return_attention)
 
 
-@jax.jit
-def _future_change(state, batch, t, noise):
+# The jitted probes take (graphdef, params, causal) rather than a TrainState, so
+# states of one architecture share compiled code.
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _future_change(graphdef, params, causal, batch, t, noise):
   """Largest |logit change| at real columns <= t when real tokens after t change."""
-  base = _forward(state, batch)
+  base = _forward(graphdef, params, causal, batch)
   length = batch.inputs.shape[1]
   perturb = future_region(length, t)[None, :] & batch.key_mask
   new_inputs = jnp.where(perturb, noise, batch.inputs)
-  out = _forward(state, batch.replace(inputs=new_inputs))
-  watch = (~future_region(length, t))[None, :] & batch.key_mask
+  out = _forward(graphdef, params, causal, batch.replace(inputs=new_inputs))
+  watch = (jnp.arange(length) <= t)[None, :] & batch.key_mask
   diff = jnp.abs(out - base).max(axis=-1)
   return jnp.where(watch, diff, 0.0).max()
 
 
-@jax.jit
-def _pad_change(state, batch, noise):
-  base = _forward(state, batch)
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _pad_change(graphdef, params, causal, batch, noise):
+  base = _forward(graphdef, params, causal, batch)
   new_inputs = jnp.where(batch.key_mask, batch.inputs, noise)
-  out = _forward(state, batch.replace(inputs=new_inputs))
+  out = _forward(graphdef, params, causal, batch.replace(inputs=new_inputs))
   diff = jnp.abs(out - base).max(axis=-1)
   return jnp.where(batch.key_mask, diff, 0.0).max()
 
@@ -70,7 +76,8 @@ def future_probe(state, batches, *, vocab_size: int, pad_id: int, seed: int = 0)
   for i, b in enumerate(batches):
     for t in range(b.inputs.shape[1] - 1):
       noise = _noise(jax.random.fold_in(rng, i * 1000 + t), b.inputs.shape, vocab_size, pad_id)
-      worst = max(worst, float(_future_change(state, b, t, noise)))
+      worst = max(worst, float(_future_change(state.graphdef, state.params, state.causal, b, t,
+                                              noise)))
   return worst
 
 
@@ -79,17 +86,17 @@ def pad_probe(state, batches, *, vocab_size: int, pad_id: int, seed: int = 1) ->
   rng = jax.random.PRNGKey(seed)
   for i, b in enumerate(batches):
     noise = _noise(jax.random.fold_in(rng, i), b.inputs.shape, vocab_size, pad_id)
-    worst = max(worst, float(_pad_change(state, b, noise)))
+    worst = max(worst, float(_pad_change(state.graphdef, state.params, state.causal, b, noise)))
   return worst
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _attention_jit(graphdef, params, causal, batch):
+  return _forward(graphdef, params, causal, batch, return_attention=True)[1]
+
+
 def _attention(state, batch):
-  from flax import nnx
-  model = nnx.merge(state.graphdef, state.params)
-  _, probs = model(batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
-                   segment_ids=batch.segment_ids, causal=state.causal, return_attention=True)
-  return probs
+  return _attention_jit(state.graphdef, state.params, state.causal, batch)
 
 
 def attention_stats(state, batches) -> dict:

@@ -195,8 +195,12 @@ def _unpack(state_or_model, causal):
   return graphdef, params, causal, model.cfg
 
 
-def left_pad_prompts(prompts, *, pad_id: int) -> np.ndarray:
-  """A list of token-id lists (or a left-padded (B, P) array) -> a (B, P) int32 array."""
+def left_pad_prompts(prompts, *, pad_id: int, multiple: int = 1) -> np.ndarray:
+  """A list of token-id lists (or a left-padded (B, P) array) -> a (B, P) int32 array.
+
+  List prompts are left-padded to a multiple of `multiple` tokens (fewer distinct
+  shapes, fewer compilations; extra left padding changes no logit).
+  """
   if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
     arr = np.asarray(prompts)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
@@ -219,6 +223,7 @@ def left_pad_prompts(prompts, *, pad_id: int) -> np.ndarray:
     if pad_id in list(p):
       raise ValueError(f"prompt {i} contains pad_id={pad_id}; pass unpadded prompts")
   longest = max(len(p) for p in prompts)
+  longest = -(-longest // multiple) * multiple
   out = np.full((len(prompts), longest), pad_id, np.int32)
   for i, p in enumerate(prompts):
     out[i, longest - len(p):] = np.asarray(p, np.int32)
@@ -258,7 +263,7 @@ def generate(state_or_model, prompts, *, max_new_tokens: int, temperature: float
   if use_cache and not causal:
     raise ValueError("a KV cache is exact only for a causal model; use use_cache=False "
                      "(recompute the prefix) for a model trained with causal=False")
-  prompt = left_pad_prompts(prompts, pad_id=pad_id)
+  prompt = left_pad_prompts(prompts, pad_id=pad_id, multiple=8)
   if prompt.max() >= cfg.vocab_size or prompt.min() < 0:
     raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size})")
   b, p = prompt.shape
