@@ -154,8 +154,9 @@ def length_buckets(state, split, *, pad_id: int, batch_size: int) -> dict:
 # ---------------------------------------------------------------------------
 # Hooks for train.py and launch.py.
 
-def results_extras(config, state, corpus, floor_monitor) -> dict:
+def results_extras(config, state, corpus, floor_monitor, results) -> dict:
   """Extra keys for results.json: floor alarm, n-gram baseline, greedy exact match."""
+  floor_monitor.final_check(results["step"], results)  # covers a resume with no new steps
   out = dict(floor_monitor.results())
   out.update(ngram.baseline_results(config, corpus))
   ev = eval_settings(config)

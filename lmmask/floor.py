@@ -15,11 +15,11 @@ set that `train.run_evals` computes (``train_loss``).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from typing import Iterable, Sequence
-
-from absl import logging
 
 
 class _Node:
@@ -73,7 +73,7 @@ def entropy_floor(sequences: Sequence[Sequence[int]]) -> float:
 class FloorMonitor:
   """Compares each full-train-set evaluation with the floor; alarms when below."""
 
-  def __init__(self, config, train_examples):
+  def __init__(self, config, train_examples, workdir: str | None = None):
     ev = config.get("eval", None)
     self.tolerance = float(ev.floor_tolerance) if ev is not None else 0.01
     if self.tolerance < 0:
@@ -81,21 +81,49 @@ class FloorMonitor:
     self.floor = entropy_floor([e.ids for e in train_examples])
     self.first_alarm_step = None
     self.min_margin = math.inf
+    self.last_checked_step = None
+    if workdir is not None:
+      self._restore(os.path.join(workdir, "metrics.jsonl"))
+
+  def _restore(self, path):
+    """A resumed run keeps the alarm history of the steps it already logged."""
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # a line cut short by a crash
+        if row.get("kind") != "eval" or "floor_margin" not in row:
+          continue
+        self.min_margin = min(self.min_margin, row["floor_margin"])
+        if row.get("floor_alarm") == 1.0 and (self.first_alarm_step is None
+                                              or row["step"] < self.first_alarm_step):
+          self.first_alarm_step = int(row["step"])
+
+  def final_check(self, step: int, ev: dict) -> None:
+    """Check the end-of-run evaluation unless that step was already checked."""
+    if step != self.last_checked_step:
+      self.check(step, ev)
 
   def check(self, step: int, ev: dict) -> dict:
+    self.last_checked_step = step
     margin = float(ev["train_loss"]) - self.floor
     self.min_margin = min(self.min_margin, margin)
     alarm = margin < -self.tolerance
     if alarm:
       if self.first_alarm_step is None:
         self.first_alarm_step = step
-      msg = (f"LEAK ALARM at step {step}: token-mean train loss {ev['train_loss']:.5f} is "
-             f"below the entropy floor {self.floor:.5f} (by {-margin:.5f} > tolerance "
-             f"{self.tolerance}). No causally masked model can do this: the model sees "
-             f"future tokens. Check model.causal and the attention mask; run "
-             f"launch.py --mode=audit.")
-      logging.error(msg)
-      print("!" * 78 + "\n" + msg + "\n" + "!" * 78, file=sys.stderr, flush=True)
+        msg = (f"LEAK ALARM at step {step}: token-mean train loss {ev['train_loss']:.5f} is "
+               f"below the entropy floor {self.floor:.5f} (by {-margin:.5f} > tolerance "
+               f"{self.tolerance}). No causally masked model can do this: the model sees "
+               f"future tokens. Check model.causal and the attention mask; run "
+               f"launch.py --mode=audit.")
+        print("!" * 78 + "\n" + msg + "\n" + "!" * 78, file=sys.stderr, flush=True)
+      else:
+        print(f"LEAK ALARM (step {step}): train loss {ev['train_loss']:.5f} < entropy floor "
+              f"{self.floor:.5f}", file=sys.stderr, flush=True)
     return {"entropy_floor": self.floor, "floor_margin": margin, "floor_alarm": float(alarm)}
 
   def results(self) -> dict:

@@ -262,7 +262,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              vocab_size=len(corpus.vocab))
   eval_sets = build_eval_sets(config, train_split, val_split, pad_id)
-  floor_monitor = floor_lib.FloorMonitor(config, corpus.train)  # issue 4
+  floor_monitor = floor_lib.FloorMonitor(config, corpus.train, workdir)  # issue 4
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
@@ -341,7 +341,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "reduction": config.loss.reduction, "causal": bool(config.model.causal)}
   # issue 4: leak alarm, n-gram baseline and (optionally) exact match, next to the model.
   from lmmask import evaluation
-  results.update(evaluation.results_extras(config, state, corpus, floor_monitor))
+  results.update(evaluation.results_extras(config, state, corpus, floor_monitor, results))
   ckpt.atomic_write_json(os.path.join(workdir, "results.json"), results)
   mngr.close()
   best.close()

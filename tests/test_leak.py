@@ -51,6 +51,13 @@ def test_floor_alarm_fires_without_causal_mask(runs, capfd):
     assert json.load(f)["floor_alarm"] is True
 
 
+def test_floor_alarm_survives_a_resume_with_no_new_steps(runs):
+  workdir, res = runs[False]
+  again = train.train_and_evaluate(leak_config(False), workdir)
+  assert again["floor_alarm"] is True
+  assert again["floor_alarm_step"] == res["floor_alarm_step"]
+
+
 def test_floor_alarm_silent_with_causal_mask(runs):
   workdir, res = runs[True]
   assert res["floor_alarm"] is False and res["floor_alarm_step"] is None
@@ -124,6 +131,18 @@ def test_planted_probe_and_pad_leak_twins(runs, monkeypatch):
     clear_probe_caches()
     assert audit.pad_probe(good, batches, **kw) > 1e-3
   clear_probe_caches()
+
+
+def test_length_buckets_add_up_to_the_val_loss(runs):
+  _, corpus, _, val_split, state, _ = evaluation.load_state(runs[True][0])
+  from lmmask.data import pipeline
+  whole = train.evaluate(state, pipeline.eval_batches(val_split, batch_size=64, pad_id=0))
+  buckets = evaluation.length_buckets(state, val_split, pad_id=0, batch_size=64)
+  assert sum(b["num_seqs"] for b in buckets.values()) == len(val_split)
+  tokens = sum(b["num_tokens"] for b in buckets.values())
+  assert tokens == whole["num_tokens"]
+  mean = sum(b["loss"] * b["num_tokens"] for b in buckets.values()) / tokens
+  assert mean == pytest.approx(whole["loss"], abs=1e-5)
 
 
 def test_inference_mode_loss_equals_teacher_forcing_only_when_causal(runs):
