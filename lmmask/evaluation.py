@@ -101,9 +101,15 @@ def exact_match(state, corpus, *, direction: str = "es_en", max_new_tokens: int 
     res[f"num_{key}"] = tot
   res["over_regularised"] = over if direction == "es_en" else None
   res["over_regularisable"] = eligible if direction == "es_en" else None
-  # Show wrong answers first, then a mix, so the printout is informative.
-  order = sorted(range(len(rows)), key=lambda i: (rows[i]["correct"], i))
-  res["examples"] = [rows[i] for i in order[:num_examples]]
+  # Wrong answers first (over-regularised ones before other errors), then up to a
+  # third of the slots for correct ones, so both kinds show up.
+  wrong = sorted((i for i, r in enumerate(rows) if not r["correct"]),
+                 key=lambda i: (not rows[i]["over_regularised"], i))
+  right = [i for i, r in enumerate(rows) if r["correct"]]
+  n_right = min(len(right), num_examples // 3) if wrong else min(len(right), num_examples)
+  picked = wrong[:num_examples - n_right] + right[:n_right]
+  picked += [i for i in right[n_right:]][:num_examples - len(picked)]
+  res["examples"] = [rows[i] for i in picked]
   res["rows"] = rows
   return res
 
@@ -245,7 +251,7 @@ def format_report(metrics: dict, extras: dict) -> str:
     if em["over_regularised"] is not None:
       lines.append(f"  over-regularised answers: {em['over_regularised']} of "
                    f"{em['over_regularisable']} forms where the regular rule is wrong")
-    lines.append("  examples (wrong ones first):")
+    lines.append("  examples (wrong ones first, then correct ones):")
     for r in em["examples"]:
       mark = "ok " if r["correct"] else ("OVR" if r["over_regularised"] else "BAD")
       lines.append(f"    [{mark}] {r['prompt']:28s} -> {r['completion']!r:28s} "

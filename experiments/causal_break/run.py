@@ -291,7 +291,7 @@ def write_report(summary, path):
   for name, r in (("causal", c), ("no_causal", b)):
     for p in r["heatmaps"]:
       L.append(f"![{name} attention]({p})\n")
-  L.append("## Example completions (greedy, wrong ones first)\n")
+  L.append("## Example completions (greedy; wrong ones first, then correct ones)\n")
   for name, r in (("causal", c), ("no_causal", b)):
     L.append(f"{name}:\n\n| prompt | completion | reference |\n|---|---|---|")
     for e in r["greedy"]["examples"][:8]:
