@@ -199,17 +199,25 @@ def test_exact_match_scoring_against_hand_counts(monkeypatch):
 
 
 @pytest.mark.slow
-def test_launch_audit_exit_codes(runs):
+def test_launch_audit_exits_nonzero_on_a_leak(runs):
   env = dict(os.environ, PYTHONPATH=REPO)
-  codes = {}
-  for causal, (workdir, _) in runs.items():
-    p = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), "--mode=audit",
-                        f"--workdir={workdir}"], capture_output=True, text=True, env=env,
-                       timeout=300)
-    codes[causal] = p.returncode
-    assert ("PASSED" if causal else "FAILED") in p.stdout, p.stdout + p.stderr
-    assert os.path.exists(os.path.join(workdir, "audit", "attention_0.png"))
-  assert codes == {True: 0, False: 1}
+  workdir = runs[False][0]
+  p = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), "--mode=audit",
+                      f"--workdir={workdir}"], capture_output=True, text=True, env=env,
+                     timeout=300)
+  assert p.returncode == 1, p.stdout + p.stderr
+  assert "FAILED" in p.stdout and "future-perturbation" in p.stdout
+  assert os.path.exists(os.path.join(workdir, "audit", "attention_0.png"))
+
+
+def test_audit_workdir_passes_the_correct_checkpoint(runs):
+  # the function launch.py --mode=audit calls (exit status 0 when res["passed"])
+  workdir = runs[True][0]
+  res = audit.audit_workdir(workdir)
+  assert res["passed"] and res["source"].startswith("checkpoint step")
+  with open(os.path.join(workdir, "audit", "audit.json")) as f:
+    assert json.load(f)["passed"] is True
+  assert "PASSED" in audit.format_audit(res)
 
 
 def test_generate_text_from_checkpoint(runs):
