@@ -230,3 +230,13 @@ def test_generate_text_from_checkpoint(runs):
                                              top_k=5, seed=3)
   with pytest.raises(ValueError, match="outside the vocabulary"):
     evaluation.generate_text(runs[True][0], ["yo xyzzy /"])
+
+
+def test_exact_match_reverse_direction_runs(runs):
+  _, corpus, _, _, state, _ = evaluation.load_state(runs[True][0])
+  res = evaluation.exact_match(state, corpus, direction="en_es", num_examples=3)
+  assert res["num_prompts"] == 60 and res["over_regularised"] is None
+  assert res["rows"][0]["prompt"].endswith("/") and res["rows"][0]["prompt"].startswith("I ")
+  assert res["rows"][0]["reference"].startswith("yo ")
+  with pytest.raises(ValueError, match="direction"):
+    evaluation.exact_match(state, corpus, direction="fr_en")
