@@ -13,8 +13,11 @@ only slot 0.)
 Positions follow `Decoder`: a running count of real tokens, so a left-padded
 prompt gets the same positions as the unpadded one.
 
-The cached step mirrors `lmmask.model.Block` (pre-LN attention, pre-LN GELU MLP)
-by calling the model's own submodules; tests/test_decode.py checks it against the
+The cached step runs the model's own pieces in the order of `lmmask.model.Block`:
+`Attention.project` (q and already-rotated k, v of the new tokens), the cache
+update, `model.attend` over all cached keys, the output projection, `Block.mlp`,
+and `Decoder.embed_inputs` / `Decoder.logits` around the blocks (with fallbacks
+for a decoder without those methods). tests/test_decode.py checks it against the
 full forward pass at every step, so a change to the block shows up there.
 
 A KV cache is only exact for causally trained models: in a model trained without
@@ -93,51 +96,78 @@ def select_next(logits, rng, *, temperature: float, top_k=None, top_p=None):
 # The cached forward pass.
 
 def _check_model(model):
-  needed = ("embed", "pos_embed", "blocks", "ln_f", "head", "cfg")
+  needed = ("embed", "blocks", "ln_f", "cfg")
   missing = [n for n in needed if not hasattr(model, n)]
   if missing:
     raise ValueError(f"generate needs an lmmask.model.Decoder (missing {missing}); pass a "
                      f"TrainState or a Decoder")
 
 
-def _block_cached(block, x, k_cache, v_cache, slot, key_valid):
-  """One Block on the queries x (B, Tq, D) written at cache slots slot..slot+Tq-1."""
-  cfg = block.cfg
-  b, tq, _ = x.shape
-  h = cfg.n_heads
-  d = cfg.d_model // h
+def _attend_local(q, k, v, bias, has_key):
+  """Attention for models without `lmmask.model.attend` (q, k, v: (B, T, H, D))."""
+  b, tq, h, d = q.shape
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+  probs = jax.nn.softmax(logits / math.sqrt(d) + bias, axis=-1) * has_key
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  return out.reshape(b, tq, h * d), probs
+
+
+def _project(attn, x, positions):
+  """q (B, T, H, D), k and v (B, T, Hkv, D), with rotary positions if the model has them."""
+  if hasattr(attn, "project"):
+    return attn.project(x, positions)
+  b, t, _ = x.shape
+  h = attn.cfg.n_heads
+  d = attn.cfg.d_model // h
+  q, k, v = jnp.split(attn.qkv(x), 3, axis=-1)
+  return tuple(a.reshape(b, t, h, d) for a in (q, k, v))
+
+
+def _block_cached(block, x, positions, k_cache, v_cache, slot, key_valid):
+  """One Block on the queries x (B, Tq, D) written at cache slots slot..slot+Tq-1.
+
+  The cache holds keys/values as (B, S, Hkv, D), exactly as the attention projects
+  them (already rotated for rotary models).
+  """
+  from lmmask import model as model_lib
+  tq = x.shape[1]
   attn = block.attn
-  q, k, v = jnp.split(attn.qkv(block.ln1(x)), 3, axis=-1)
-  q, k, v = (a.reshape(b, tq, h, d).transpose(0, 2, 1, 3) for a in (q, k, v))
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, slot, 0))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, slot, 0))
-  s = k_cache.shape[2]
+  q, k, v = _project(attn, block.ln1(x), positions)
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, slot, 0, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, slot, 0, 0))
+  s = k_cache.shape[1]
   allowed = masks.key_padding_mask(key_valid) & masks.causal_mask(tq, s, q_offset=slot)
   has_key = allowed.any(axis=-1, keepdims=True).astype(jnp.float32)
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k_cache.astype(jnp.float32))
-  logits = logits / math.sqrt(d) + masks.to_bias(allowed, jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1) * has_key
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v_cache.dtype), v_cache)
-  out = out.transpose(0, 2, 1, 3).reshape(b, tq, h * d)
+  attend = getattr(model_lib, "attend", _attend_local)
+  out, _ = attend(q, k_cache, v_cache, masks.to_bias(allowed, jnp.float32), has_key)
   x = x + attn.out(out)
-  m = block.fc2(jax.nn.gelu(block.fc1(block.ln2(x)), approximate=cfg.gelu_approximate))
+  h = block.ln2(x)
+  if hasattr(block, "mlp"):
+    m = block.mlp(h)
+  else:
+    m = block.fc2(jax.nn.gelu(block.fc1(h), approximate=block.cfg.gelu_approximate))
   return x + m, k_cache, v_cache
 
 
 def _cached_forward(model, tokens, positions, cache, slot, key_valid):
   """tokens/positions (B, Tq) at slots slot.. -> (logits (B, Tq, V), new cache)."""
-  x = model.embed(tokens) + model.pos_embed(positions)
+  if hasattr(model, "embed_inputs"):
+    x = model.embed_inputs(tokens, positions)
+  else:
+    x = model.embed(tokens) + model.pos_embed(positions)
   new_cache = []
   for block, (kc, vc) in zip(model.blocks, cache):
-    x, kc, vc = _block_cached(block, x, kc, vc, slot, key_valid)
+    x, kc, vc = _block_cached(block, x, positions, kc, vc, slot, key_valid)
     new_cache.append((kc, vc))
+  if hasattr(model, "logits"):
+    return model.logits(x), new_cache
   return model.head(model.ln_f(x)).astype(jnp.float32), new_cache
 
 
 def init_cache(model, batch: int, slots: int):
   cfg = model.cfg
   d = cfg.d_model // cfg.n_heads
-  shape = (batch, cfg.n_heads, slots, d)
+  shape = (batch, slots, getattr(cfg, "kv_heads", cfg.n_heads), d)
   return [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
           for _ in range(cfg.n_layers)]
 

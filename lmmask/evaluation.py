@@ -160,10 +160,23 @@ def length_buckets(state, split, *, pad_id: int, batch_size: int) -> dict:
 # ---------------------------------------------------------------------------
 # Hooks for train.py and launch.py.
 
-def results_extras(config, state, corpus, floor_monitor, results) -> dict:
-  """Extra keys for results.json: floor alarm, n-gram baseline, greedy exact match."""
+def verb_corpus(source):
+  """The VerbCorpus behind `source` (a VerbCorpus or a DataSource), or None."""
+  info = getattr(source, "info", source)
+  return info if isinstance(info, verbs.VerbCorpus) else None
+
+
+def results_extras(config, state, source, floor_monitor, results) -> dict:
+  """Extra keys for results.json: floor alarm, n-gram baseline, greedy exact match.
+
+  source: the verbs corpus or a DataSource; the baseline and exact match need the
+  verbs corpus and are skipped for other corpora.
+  """
   floor_monitor.final_check(results["step"], results)  # covers a resume with no new steps
   out = dict(floor_monitor.results())
+  corpus = verb_corpus(source)
+  if corpus is None:
+    return out
   out.update(ngram.baseline_results(config, corpus))
   ev = eval_settings(config)
   if ev.exact_match_at_end:
@@ -179,6 +192,9 @@ def load_state(workdir: str, step: int | None = None, which: str = "latest"):
   """(config, corpus, train_split, val_split, state, step) from a workdir's checkpoint."""
   from lmmask import train
   config = ConfigDict(ckpt.load_saved_config(workdir))
+  if config.data.get("corpus", "verbs") != "verbs":
+    raise ValueError(f"{workdir} trains on corpus {config.data.corpus!r}; exact match, "
+                     f"generate and audit support the verbs corpus only")
   train.setup_jax_cache(config.train.jax_cache_dir)
   corpus, train_split, val_split = train.load_verb_data(config)
   state = train.create_train_state(config, jax.random.PRNGKey(config.seed),

@@ -73,12 +73,18 @@ def entropy_floor(sequences: Sequence[Sequence[int]]) -> float:
 class FloorMonitor:
   """Compares each full-train-set evaluation with the floor; alarms when below."""
 
-  def __init__(self, config, train_examples, workdir: str | None = None):
+  def __init__(self, config, source, workdir: str | None = None):
+    """source: the verbs corpus (or a DataSource whose `info` is one). For corpora
+    without whole training sequences (e.g. text windows) the monitor is disabled."""
     ev = config.get("eval", None)
     self.tolerance = float(ev.floor_tolerance) if ev is not None else 0.01
     if self.tolerance < 0:
       raise ValueError(f"config.eval.floor_tolerance must be >= 0, got {self.tolerance}")
-    self.floor = entropy_floor([e.ids for e in train_examples])
+    info = getattr(source, "info", source)
+    examples = getattr(info, "train", None)
+    self.floor = None
+    if examples and all(hasattr(e, "ids") for e in examples):
+      self.floor = entropy_floor([e.ids for e in examples])
     self.first_alarm_step = None
     self.min_margin = math.inf
     self.last_checked_step = None
@@ -109,6 +115,8 @@ class FloorMonitor:
 
   def check(self, step: int, ev: dict) -> dict:
     self.last_checked_step = step
+    if self.floor is None or "train_loss" not in ev:
+      return {}
     margin = float(ev["train_loss"]) - self.floor
     self.min_margin = min(self.min_margin, margin)
     alarm = margin < -self.tolerance
@@ -127,6 +135,8 @@ class FloorMonitor:
     return {"entropy_floor": self.floor, "floor_margin": margin, "floor_alarm": float(alarm)}
 
   def results(self) -> dict:
+    if self.floor is None:
+      return {}
     return {"entropy_floor": self.floor, "floor_alarm": self.first_alarm_step is not None,
             "floor_alarm_step": self.first_alarm_step,
             "floor_min_margin": None if math.isinf(self.min_margin) else self.min_margin}

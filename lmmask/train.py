@@ -262,7 +262,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              vocab_size=len(corpus.vocab))
   eval_sets = build_eval_sets(config, train_split, val_split, pad_id)
-  floor_monitor = floor_lib.FloorMonitor(config, corpus.train, workdir)  # issue 4
+  floor_monitor = floor_lib.FloorMonitor(config, corpus, workdir)  # issue 4
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
