@@ -5,6 +5,8 @@
   python launch.py --config=configs/verbs.py --workdir=DIR --config.optim.lr=1e-3
   python launch.py --config=configs/sweeps/lr.py --workdir=DIR --mode=sweep [--dry_run]
   python launch.py --mode=aggregate --workdir=DIR   # sweep results.csv/.md + plots
+  python launch.py --mode=generate --workdir=DIR --prompt="yo como /" [--temperature=0.8]
+  python launch.py --mode=audit --workdir=DIR [--config=...]   # exits 1 on a leak
 """
 import json
 import re
@@ -17,13 +19,22 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/verbs.py[:variant].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sweep", "aggregate"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit"],
                           "What to run (sweep/aggregate take a configs/sweeps/ file).")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "sweep: print one launch command per point instead of running.")
+# issue 4: generation flags (--mode=generate).
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeatable), e.g. "
+                                    "'yo como /'; <bos> is added.")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "generate: a file, one prompt a line.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy, > 0 samples.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeliest tokens.")
+_TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass in (0, 1].")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "generate: tokens to add per prompt.")
+_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate: PRNG seed for sampling.")
 
 
 def _print_metrics(title, results):
@@ -74,6 +85,10 @@ def main(argv):
   elif _MODE.value == "eval":
     results = train.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _WHICH.value)
     _print_metrics(f"eval of {_WHICH.value} checkpoint in {_WORKDIR.value}:", results)
+    from lmmask import evaluation  # issue 4: baseline, floor, exact match, length buckets
+    extras = evaluation.evaluate_extras(_WORKDIR.value, results["step"], _WHICH.value)
+    print(evaluation.format_report(results, extras))
+    results.update(extras)
     print(json.dumps(results), file=sys.stderr)
   elif _MODE.value in ("sweep", "aggregate"):
     from lmmask import sweep
@@ -88,6 +103,26 @@ def main(argv):
       rows = sweep.run(_CONFIG.value, _WORKDIR.value)
     done = sum(r["status"] == "done" for r in rows)
     print(f"{done}/{len(rows)} points done; see {_WORKDIR.value}/results.md, results.csv, plots/")
+  elif _MODE.value == "generate":  # issue 4
+    from lmmask import evaluation
+    prompts = list(_PROMPT.value)
+    if _PROMPT_FILE.value:
+      with open(_PROMPT_FILE.value) as f:
+        prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+      raise app.UsageError("--mode=generate needs --prompt=... (repeatable) or --prompt_file")
+    for prompt, completion in evaluation.generate_text(
+        _WORKDIR.value, prompts, step=_STEP.value, which=_WHICH.value,
+        max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, seed=_SAMPLE_SEED.value):
+      print(f"{prompt} -> {completion}")
+  elif _MODE.value == "audit":  # issue 4: exits non-zero when a leak is found
+    from lmmask import audit
+    res = audit.audit_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value, _WHICH.value)
+    print(f"audit of {res['source']} in {_WORKDIR.value}")
+    print(audit.format_audit(res))
+    if not res["passed"]:
+      sys.exit(1)
 
 
 if __name__ == "__main__":

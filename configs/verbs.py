@@ -110,6 +110,22 @@ def get_config(arg=None):
   c.train.resume = "auto"               # auto: continue from the latest checkpoint, else start;
                                         # require: refuse to start without a checkpoint
 
+  # issue 4: evaluation extras and leak diagnostics (lmmask/evaluation.py, floor.py, audit.py).
+  c.eval = config_dict.ConfigDict()
+  c.eval.direction = "es_en"            # exact match: es_en ("<bos> spanish /" -> English) | en_es
+  c.eval.max_new_tokens = 8             # generation budget per exact-match prompt
+  c.eval.num_examples = 12              # example completions shown next to the references
+  c.eval.exact_match_at_end = True      # greedy exact match on val into results.json
+  c.eval.floor_tolerance = 0.01         # alarm when full-train token-mean loss < floor - this
+  c.eval.audit_tolerance = 1e-5         # audit: largest allowed logit change / attention mass
+  c.eval.audit_batches = 2              # eval batches (per split) the audit probes use
+  c.eval.audit_heatmaps = 3             # examples drawn as attention heat maps by the audit
+
+  # issue 4: the add-k n-gram baseline on the same split (lmmask/ngram.py).
+  c.baseline = config_dict.ConfigDict()
+  c.baseline.ngram_n = 3                # n-gram order (context = previous n-1 tokens)
+  c.baseline.ngram_k = 0.1              # add-k smoothing constant (> 0)
+
   if args.get("tiny"):
     # A shrunken run for tests: seconds on a laptop.
     c.model.d_model = 32
@@ -123,4 +139,5 @@ def get_config(arg=None):
     c.train.log_every = 5
     c.train.eval_every = 10
     c.train.ckpt_every = 10
+    c.eval.exact_match_at_end = False   # issue 4: keep the shared tiny runs fast
   return c

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from lmmask import checkpoint as ckpt
+from lmmask import floor as floor_lib  # issue 4: entropy-floor leak alarm
 from lmmask import losses, preempt, schedules
 from lmmask.batching import Batch
 from lmmask.data import pipeline, verbs
@@ -324,6 +325,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              vocab_size=data.vocab_size)
   eval_sets = data.eval_sets()
+  floor_monitor = floor_lib.FloorMonitor(config, data, workdir)  # issue 4
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
@@ -392,6 +394,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           tok_s=f"{metrics['tokens_per_sec']:.0f}")
       if _is_due(done, config.train.eval_every, total):
         ev = run_evals(state, eval_sets)
+        ev.update(floor_monitor.check(done, ev))  # issue 4: alarm below the entropy floor
         logger.write(done, "eval", ev)
         if ev["val_loss"] < best_val:
           best_val = ev["val_loss"]
@@ -432,6 +435,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "train_seconds": elapsed, "split": config.data.split,
              "reduction": config.loss.reduction, "causal": bool(config.model.causal),
              "nonfinite_skips": skips}
+  # issue 4: leak alarm, n-gram baseline and (optionally) exact match, next to the model.
+  from lmmask import evaluation
+  results.update(evaluation.results_extras(config, state, data, floor_monitor, results))
   ckpt.atomic_write_json(os.path.join(workdir, "results.json"), results)
   mngr.close()
   best.close()
