@@ -2,7 +2,8 @@
 
 A workdir belongs to one experiment: its `config.json` is written once, on the
 first run. A later run compares its config with the saved one, ignoring only the
-fields in `RESUMABLE_FIELDS` (run length, logging, eval and checkpoint cadence).
+fields in `RESUMABLE_FIELDS` (run length, logging, eval and checkpoint cadence)
+and the evaluation-only sections in `RESUMABLE_SECTIONS`.
 Any other difference is refused with the list of differing fields before
 anything in the workdir is touched.
 
@@ -36,6 +37,8 @@ RESUMABLE_FIELDS = frozenset({
     "train.keep_checkpoints", "train.progress_bar", "train.jax_cache_dir",
     "train.nonfinite", "train.resume",  # failure policy: "skip" after a NaN stop is how to go on
 })
+# Whole sections that only change how a model is evaluated, never how it trains.
+RESUMABLE_SECTIONS = ("eval.", "baseline.")
 
 CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
@@ -90,7 +93,8 @@ def atomic_write_json(path, obj):
 
 def config_diff(saved: dict, new: dict, ignore=RESUMABLE_FIELDS):
   a, b = flatten(saved), flatten(new)
-  keys = sorted((set(a) | set(b)) - set(ignore))
+  keys = sorted(k for k in (set(a) | set(b)) - set(ignore)
+                if not k.startswith(RESUMABLE_SECTIONS))
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys
           if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
@@ -110,7 +114,8 @@ def claim_workdir(workdir: str, config_dict: dict) -> bool:
       raise ValueError(
           f"workdir {workdir} belongs to a different experiment; these fields differ "
           f"from its {CONFIG_FILE}:\n{lines}\nUse a new --workdir, or rerun with the saved "
-          f"values (only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume).")
+          f"values (only {', '.join(sorted(RESUMABLE_FIELDS))} and the "
+          f"{', '.join(s + '*' for s in RESUMABLE_SECTIONS)} sections may change on resume).")
     return False
   if os.path.isdir(os.path.join(workdir, CKPT_DIR)):
     raise ValueError(f"workdir {workdir} has checkpoints but no {CONFIG_FILE}; refusing to "
