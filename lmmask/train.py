@@ -19,9 +19,11 @@ import optax
 from flax import nnx
 
 from lmmask import checkpoint as ckpt
-from lmmask import losses, schedules
+from lmmask import guards, losses, schedules
+from lmmask import init_from as init_lib
 from lmmask.batching import Batch
 from lmmask.data import pipeline, verbs
+from lmmask.data.shards import DataSource
 from lmmask.model import Decoder, DecoderConfig, count_params
 
 
@@ -58,8 +60,11 @@ def validate_config(config) -> None:
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
   d, m, o, t = config.data, config.model, config.optim, config.train
-  need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
-       f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
+  need(d.corpus in DATA_CORPORA, "data.corpus",
+       f"unknown corpus {d.corpus!r}; valid: {', '.join(DATA_CORPORA)}")
+  if d.corpus == "verbs":
+    need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
+         f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
   need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
   for f in ("batch_size", "eval_batch_size", "length"):
     need(isinstance(d[f], int) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
@@ -126,9 +131,17 @@ def train_step(state: TrainState, batch: Batch):
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # A batch with no counted target (all-zero loss mask) has loss 0 and must not
+  # train: keep params AND optimizer state (AdamW would still move them). The
+  # step counter still advances (the batch is consumed; data order and lr
+  # schedule are step-derived). See lmmask/guards.py.
+  skipped = guards.no_targets(metrics)
+  params, opt_state = guards.keep_if(skipped, (state.params, state.opt_state),
+                                     (params, opt_state))
   metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=optax.global_norm(grads),
-                 update_norm=optax.global_norm(updates), param_norm=optax.global_norm(params),
-                 real_tokens=batch.key_mask.sum())
+                 update_norm=jnp.where(skipped, 0.0, optax.global_norm(updates)),
+                 param_norm=optax.global_norm(params),
+                 real_tokens=batch.key_mask.sum(), skipped=skipped.astype(jnp.float32))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -158,6 +171,26 @@ def evaluate(state: TrainState, batches) -> dict:
 
 # ---------------------------------------------------------------------------
 # The run.
+
+DATA_CORPORA = ("verbs", "shards")
+
+
+def load_data(config):
+  """Dispatch on config.data.corpus: the verb corpus, or token/mask shards."""
+  if config.data.corpus == "shards":
+    from lmmask.data import shards
+    return shards.data_source(config)
+  corpus, train_split, val_split = load_verb_data(config)
+  pad_id = corpus.vocab.pad_id
+
+  def train_batch(step):
+    return pipeline.train_batch(train_split, step=step, batch_size=config.data.batch_size,
+                                seed=config.seed, pad_id=pad_id)
+  return DataSource(vocab_size=len(corpus.vocab), pad_id=pad_id, train_batch=train_batch,
+                    eval_sets=build_eval_sets(config, train_split, val_split, pad_id),
+                    info={"kind": "verbs", "tokenizer_sha256": None,
+                          "vocab_size": len(corpus.vocab)})
+
 
 def load_verb_data(config):
   corpus = verbs.build_corpus(config.data.split, include_lexicon=config.data.include_lexicon)
@@ -256,11 +289,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise PermissionError(f"workdir {workdir} is not writable; choose another --workdir")
   is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
 
-  corpus, train_split, val_split = load_verb_data(config)
-  pad_id = corpus.vocab.pad_id
+  data = load_data(config)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
-                             vocab_size=len(corpus.vocab))
-  eval_sets = build_eval_sets(config, train_split, val_split, pad_id)
+                             vocab_size=data.vocab_size)
+  eval_sets = data.eval_sets
+  init_from = config.train.get("init_from", "")
+  if init_from:  # checked before anything is written into the workdir
+    base_cfg = init_lib.check_compatible(config, workdir, data.vocab_size, data.info)
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
@@ -274,6 +309,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = state.replace_from_tree(tree)
     best_val = meta.get("best_val_loss", math.inf)
     print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+  elif init_from:
+    state, base_step = init_lib.restore_base_params(config, state, base_cfg, data.vocab_size)
+    init_info = {"workdir": os.path.abspath(init_from), "step": base_step}
+    ckpt.atomic_write_json(os.path.join(workdir, init_lib.MODEL_FILE), init_lib.model_record(
+        config, data.vocab_size, data.info, init_info))
+    print(f"initialised from {init_from} (step {base_step}); fresh optimizer", flush=True)
+  if not os.path.exists(os.path.join(workdir, init_lib.MODEL_FILE)):
+    ckpt.atomic_write_json(os.path.join(workdir, init_lib.MODEL_FILE),
+                           init_lib.model_record(config, data.vocab_size, data.info))
 
   total = config.train.steps
   meta = lambda: {"config": cfg_dict, "best_val_loss": best_val}  # noqa: E731
@@ -289,8 +333,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_done = 0
   try:
     for step in range(start, total):
-      batch = pipeline.train_batch(train_split, step=step, batch_size=config.data.batch_size,
-                                   seed=config.seed, pad_id=pad_id)
+      batch = data.train_batch(step)
       state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
       steps_done += 1
@@ -334,7 +377,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "best_val_loss": best_val, "best_step": best.latest_step(),
              "num_params": count_params(state.model()),
              "steps_per_sec": steps_done / elapsed if steps_done else None,
-             "train_seconds": elapsed, "split": config.data.split,
+             "train_seconds": elapsed, "split": config.data.get("split"),
              "reduction": config.loss.reduction, "causal": bool(config.model.causal)}
   ckpt.atomic_write_json(os.path.join(workdir, "results.json"), results)
   mngr.close()
@@ -347,9 +390,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   from ml_collections import ConfigDict
   config = ConfigDict(ckpt.load_saved_config(workdir))
   setup_jax_cache(config.train.jax_cache_dir)
-  corpus, train_split, val_split = load_verb_data(config)
+  data = load_data(config)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
-                             vocab_size=len(corpus.vocab))
+                             vocab_size=data.vocab_size)
   sub = ckpt.CKPT_DIR if which == "latest" else ckpt.BEST_DIR
   mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False) \
       if os.path.isdir(os.path.join(workdir, sub)) else None
@@ -357,8 +400,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
   restored_step, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
   state = state.replace_from_tree(tree)
-  out = {"step": restored_step,
-         **run_evals(state, build_eval_sets(config, train_split, val_split,
-                                            corpus.vocab.pad_id))}
+  out = {"step": restored_step, **run_evals(state, data.eval_sets)}
   mngr.close()
   return out
