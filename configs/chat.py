@@ -52,11 +52,11 @@ def get_config(arg=None):
   c.data.val_split = "val"              # split directory used for validation
   c.data.use_loss_mask = args.get("mask", True) if sft else False  # True: only mask-1
                                         # tokens count (assistant turns); False: every real token
-  c.data.length = 96                    # row length L: one whole document per row, padded
+  c.data.length = 80                    # row length L: one whole document per row, padded
   c.data.pad_side = "right"             # rows are right-padded (whole documents from token 0)
   c.data.batch_size = 32                # documents per training step
   c.data.eval_batch_size = 64           # documents per evaluation batch
-  c.data.max_eval_docs = 512            # cap on documents per evaluation set (0 = all)
+  c.data.max_eval_docs = 256            # cap on documents per evaluation set (0 = all)
 
   c.prepare = config_dict.ConfigDict()  # --mode=prepare: writes data.path
   c.prepare.format = "chat" if sft else "text"  # chat: role tags + assistant mask; text: all-ones
@@ -75,11 +75,11 @@ def get_config(arg=None):
 
   c.model = config_dict.ConfigDict()    # shared by both phases (init_from checks it)
   c.model.vocab_size = -1               # -1: the dataset's vocabulary size (checked if set)
-  c.model.d_model = 96                  # residual width
-  c.model.n_layers = 3                  # transformer blocks
+  c.model.d_model = 64                  # residual width
+  c.model.n_layers = 2                  # transformer blocks
   c.model.n_heads = 4                   # attention heads
-  c.model.d_ff = 384                    # MLP hidden width
-  c.model.max_len = 96                  # position table size (>= data.length - 1)
+  c.model.d_ff = 256                    # MLP hidden width
+  c.model.max_len = 80                  # position table size (>= data.length - 1)
   c.model.dropout = 0.0 if sft else 0.1  # a training parameter: taken from this config
   c.model.dtype = "float32"             # activation dtype: float32 | bfloat16
   c.model.gelu_approximate = False      # False: exact GELU; True: tanh approximation
@@ -94,7 +94,7 @@ def get_config(arg=None):
   c.optim.lr = 1e-3 if sft else 3e-3    # peak learning rate (lower for fine-tuning)
   c.optim.warmup_steps = 50 if sft else 100  # linear warmup from 0
   c.optim.schedule = "cosine"           # after warmup: cosine | linear | constant
-  c.optim.decay_steps = 600 if sft else 2000  # schedule horizon
+  c.optim.decay_steps = 400 if sft else 1500  # schedule horizon
   c.optim.end_lr_factor = 0.1           # final lr = lr * end_lr_factor
   c.optim.b1 = 0.9                      # AdamW beta1
   c.optim.b2 = 0.98                     # AdamW beta2
@@ -104,7 +104,7 @@ def get_config(arg=None):
   c.optim.clip_norm = 1.0               # global-norm clipping; 0 disables
 
   c.train = config_dict.ConfigDict()
-  c.train.steps = 600 if sft else 2000  # total optimizer steps (extending it resumes)
+  c.train.steps = 400 if sft else 1500  # total optimizer steps (extending it resumes)
   c.train.log_every = 50                # steps between metric log lines
   c.train.eval_every = 200              # steps between validation passes
   c.train.ckpt_every = 200              # steps between checkpoints (one is always saved at the end)

@@ -102,7 +102,7 @@ def _fact_sentence(rng) -> str:
   return f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{a} + {b} = {a + b}."
 
 
-def text_split(n: int, seed: int, split: str, sentences=(2, 4)) -> list[dict]:
+def text_split(n: int, seed: int, split: str, sentences=(1, 3)) -> list[dict]:
   stream = {"train": 2, "val": 3}[split]
   rng = np.random.default_rng([seed, stream])
   return [{"text": " ".join(_fact_sentence(rng)
