@@ -290,12 +290,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
 
   data = load_data(config)
-  state = create_train_state(config, jax.random.PRNGKey(config.seed),
-                             vocab_size=data.vocab_size)
-  eval_sets = data.eval_sets
   init_from = config.train.get("init_from", "")
   if init_from:  # checked before anything is written into the workdir
     base_cfg = init_lib.check_compatible(config, workdir, data.vocab_size, data.info)
+  state = create_train_state(config, jax.random.PRNGKey(config.seed),
+                             vocab_size=data.vocab_size)
+  eval_sets = data.eval_sets
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
