@@ -1,8 +1,6 @@
 """Token/mask shards: format round trip, validation, mask alignment, whole-document rows."""
-import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

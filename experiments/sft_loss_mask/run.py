@@ -25,7 +25,6 @@ Reruns reuse finished datasets and runs (training resumes or is a no-op).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 import time

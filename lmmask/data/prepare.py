@@ -31,7 +31,6 @@ import os
 import tempfile
 import warnings
 
-import numpy as np
 
 from lmmask.data import shards, synthetic_chat
 
