@@ -6,6 +6,11 @@ counters. A batch that must not train the model -- no target token counted, or
 (the same mechanism) a non-finite loss -- therefore has to keep the old
 parameters AND the old optimizer state, selected on device with `jnp.where` so
 the step stays one compiled program with no host round trip.
+
+Step counter: `train.train_step` still increments ``state.step`` on a skipped
+batch. The batch was consumed; data order and the lr schedule are functions of
+the step, so a skipped batch is not retried and the schedule does not stall.
+The step's metrics carry ``skipped=1`` and ``update_norm=0``.
 """
 from __future__ import annotations
 
