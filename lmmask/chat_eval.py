@@ -16,7 +16,8 @@ history), generates until ``<|end|>``, and reports
     (<|system|>, <|user|> or <|assistant|>);
   * contains_role_tag: a role tag appears anywhere in the reply;
   * stopped: the reply ended with <|end|> within max_new tokens;
-  * continues_with_user_turn: among stopped replies, the greedy token after
+  * continues_with_user_turn: among stopped replies (with room for one more
+    token in ``length``), the greedy token after
     <|end|> is <|user|>, i.e. without the stop rule the model would go on to
     write the user's next turn itself.
 """
@@ -101,7 +102,8 @@ def evaluate_turns(graphdef, params, split, tok, *, length: int, max_new: int = 
   gens = greedy_generate(graphdef, params, prompts, max_new=max_new, stop_id=tok.end_id,
                          pad_id=tok.pad_id, length=length, causal=causal)
   tags = tok.tag_ids
-  ended_idx = [i for i, g in enumerate(gens) if g and g[-1] == tok.end_id]
+  ended_idx = [i for i, g in enumerate(gens) if g and g[-1] == tok.end_id
+               and len(prompts[i]) + len(g) < length]  # room left for one more token
   after = greedy_generate(graphdef, params, [prompts[i] + gens[i] for i in ended_idx],
                           max_new=1, stop_id=tok.end_id, pad_id=tok.pad_id, length=length,
                           causal=causal) if ended_idx else []
