@@ -125,4 +125,5 @@ def evaluate_turns(graphdef, params, split, tok, *, length: int, max_new: int = 
   n = max(len(prompts), 1)
   return {"turns": len(prompts), "exact_match": exact / n, "starts_with_role_tag": starts / n,
           "contains_role_tag": contains / n, "stopped": stopped / n,
-          "continues_with_user_turn": user_next / max(len(ended_idx), 1)}, examples
+          "continues_with_user_turn": user_next / len(ended_idx) if ended_idx else float("nan")
+          }, examples

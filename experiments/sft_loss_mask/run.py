@@ -108,8 +108,14 @@ def main(root="runs/sft_loss_mask", variant=""):
     prepare.prepare(sft_on)
   tok = prepare.ChatTokenizer.load(chat_path)
   base_dir = os.path.join(root, "base")
+  reused = []  # runs finished by an earlier invocation (then only evaluated here)
+
+  def run(config, wd):
+    if os.path.exists(os.path.join(wd, "results.json")):
+      reused.append(os.path.basename(wd))
+    return train.train_and_evaluate(config, wd)
   print("pre-training", base_dir, flush=True)
-  base_res = train.train_and_evaluate(pre, base_dir)
+  base_res = run(pre, base_dir)
   seeds = SEEDS if not variant else (0,)
   runs = {}
   for seed in seeds:
@@ -119,7 +125,7 @@ def main(root="runs/sft_loss_mask", variant=""):
       c.train.init_from = base_dir
       wd = os.path.join(root, f"sft_mask_{'on' if mask else 'off'}_seed{seed}")
       print("fine-tuning", wd, flush=True)
-      train.train_and_evaluate(c, wd)
+      run(c, wd)
       runs[(mask, seed)] = wd
 
   results, examples = {}, {}
@@ -135,7 +141,7 @@ def main(root="runs/sft_loss_mask", variant=""):
   summary = {"results": results, "seeds": list(seeds), "base": base_res,
              "sft_steps": sft_on.train.steps, "pretrain_steps": pre.train.steps,
              "chat_meta": {k: meta["splits"][k]["mask_density"] for k in meta["splits"]},
-             "variant": variant, "minutes": (time.time() - t0) / 60}
+             "variant": variant, "minutes": (time.time() - t0) / 60, "reused": reused}
   ckpt.atomic_write_json(os.path.join(root, "summary.json"), summary)
   report = write_report(summary, examples, pre, sft_on, meta)
   paths = [os.path.join(root, "REPORT.md")]
@@ -160,13 +166,16 @@ def write_report(summary, examples, pre, sft, meta) -> str:
           ("exact_match", "assistant-turn exact match (greedy)", "{:.3f}"),
           ("starts_with_role_tag", "replies starting with a role tag", "{:.3f}"),
           ("contains_role_tag", "replies containing a role tag", "{:.3f}"),
-          ("stopped", "replies ending with <|end|>", "{:.3f}"),
-          ("continues_with_user_turn", "<|user|> predicted right after the reply", "{:.3f}")]
+          ("stopped", "replies ending with the end tag", "{:.3f}"),
+          ("continues_with_user_turn", "user tag predicted right after the reply", "{:.3f}")]
   lines = [
       "# SFT with and without the loss mask", "",
-      "Produced by `PYTHONPATH=. python experiments/sft_loss_mask/run.py` "
-      f"({summary['minutes']:.1f} min on CPU). Every number below comes from that run "
-      "(`summary.json` next to the workdirs).", "",
+      "Produced by `PYTHONPATH=. python experiments/sft_loss_mask/run.py`; every number "
+      "below comes from that script (`summary.json` next to the workdirs). Wall time of "
+      f"the invocation that wrote this file: {summary['minutes']:.1f} min on CPU"
+      + (f"; it reused the finished runs {', '.join(summary['reused'])} of an earlier "
+         "invocation and only evaluated them." if summary["reused"] else ".")
+      + " Any rerun reuses finished datasets and runs.", "",
       "## Setup", "",
       f"* Base model: configs/chat.py:pretrain, {summary['pretrain_steps']} steps on the "
       f"plain-text corpus (val loss {summary['base']['val_loss']:.3f}), "
@@ -175,7 +184,7 @@ def write_report(summary, examples, pre, sft, meta) -> str:
       f"* Fine-tuning: configs/chat.py:sft from the base checkpoint (`train.init_from`), "
       f"{summary['sft_steps']} steps, lr {sft.optim.lr}, batch {sft.data.batch_size} "
       f"conversations, fresh AdamW; mask on = `data.use_loss_mask=True` (only assistant "
-      f"content + its closing <|end|> count), mask off = every real token counts. Same "
+      f"content + its closing `<|end|>` count), mask off = every real token counts. Same "
       f"seed, steps and data for each on/off pair; seeds {seeds}.",
       f"* Chat data: {meta['splits']['train']['num_docs']} train / "
       f"{meta['splits']['val']['num_docs']} val conversations (conjugate a verb, add two "
@@ -183,8 +192,11 @@ def write_report(summary, examples, pre, sft, meta) -> str:
       f"{meta['splits']['train']['mask_density']:.3f} (train). Tokenizer: byte-level BPE, "
       f"{meta['vocab_size']} tokens, trained on the pre-training text.",
       "* Evaluation on the val conversations: losses are token means over the val set; "
-      "exact match prompts with the gold history up to the opening <|assistant|> of each "
-      "assistant turn and decodes greedily until <|end|> (max 12 tokens).", "",
+      "exact match prompts with the gold history up to the opening `<|assistant|>` of each "
+      "assistant turn and decodes greedily until `<|end|>` (max 12 tokens). The end tag "
+      "is `<|end|>`, the user tag `<|user|>`; \"user tag predicted right after the reply\" "
+      "is the greedy token after a reply's `<|end|>`, i.e. the model would write the "
+      "user's next turn itself without the stop rule.", "",
       "## Results", "",
       "| metric | base (no SFT) | mask on | mask off |", "| --- | --- | --- | --- |"]
   for key, label, fmt in keys:
@@ -200,7 +212,23 @@ def write_report(summary, examples, pre, sft, meta) -> str:
     on, off = R[f"mask_on_seed{s}"], R[f"mask_off_seed{s}"]
     lines.append(f"| {s} | {on['exact_match']:.3f} | {off['exact_match']:.3f} | "
                  f"{on['assistant_loss']:.4f} | {off['assistant_loss']:.4f} |")
-  lines += ["", f"Assistant turns evaluated per model: {R['base']['turns']}.", "",
+  d_em = [R[f"mask_on_seed{s}"]["exact_match"] - R[f"mask_off_seed{s}"]["exact_match"]
+          for s in seeds]
+  d_al = [R[f"mask_on_seed{s}"]["assistant_loss"] - R[f"mask_off_seed{s}"]["assistant_loss"]
+          for s in seeds]
+  lines += ["", "Mask on minus mask off, per seed: exact match "
+            + ", ".join(f"{d:+.3f}" for d in d_em)
+            + f" (on higher in {sum(d > 0 for d in d_em)} of {len(seeds)} seeds); "
+            "assistant-token loss " + ", ".join(f"{d:+.4f}" for d in d_al)
+            + f" (on lower in {sum(d < 0 for d in d_al)} of {len(seeds)} seeds).",
+            "", f"Assistant turns evaluated per model: {R['base']['turns']}. \"nan\": no reply "
+            "ended with the end tag (the base model never saw role tags).", "",
+            "Caveats: validation conversations are drawn independently of the training ones "
+            "but from the same facts (300 conjugation cells, sums of 0..20), so exact match "
+            "measures answering in the chat format, not generalisation to unseen facts. "
+            "Records longer than data.length tokens are dropped at prepare time "
+            f"({meta.get('dropped_too_long')}). One base model is shared by all fine-tuning "
+            "runs; the seed varies the fine-tuning only.", "",
             "## Example conversations (val, seed 0)", ""]
   for name, exs in examples.items():
     lines.append(f"### {name}")
