@@ -1,6 +1,7 @@
 """Token/mask shards: format round trip, validation, mask alignment, whole-document rows."""
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -222,10 +223,16 @@ def test_no_token_attends_across_conversations(tmp_path):
   model = Decoder(DecoderConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                                 max_len=24), rngs=nnx.Rngs(params=0))
 
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  def fwd(inputs):
+    return nnx.merge(graphdef, params)(
+        inputs, key_mask=jnp.asarray(b.key_mask), positions=jnp.asarray(b.positions),
+        segment_ids=jnp.asarray(b.segment_ids), return_attention=True)
+
   def run(inputs):
-    return model(jnp.asarray(inputs), key_mask=jnp.asarray(b.key_mask),
-                 positions=jnp.asarray(b.positions), segment_ids=jnp.asarray(b.segment_ids),
-                 return_attention=True)
+    return fwd(jnp.asarray(inputs))
   logits, probs = run(b.inputs)
   p = np.asarray(probs[0])  # (B, H, T, T)
   km = np.asarray(b.key_mask)
