@@ -27,11 +27,20 @@ ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"
 MODEL_FILE = "model.json"
 
 
-def model_record(config, vocab_size: int, data_info: dict, init_info=None) -> dict:
+def data_identity(info) -> dict:
+  """A JSON-able identity of a DataSource's `info` (a dict, or a corpus object)."""
+  if isinstance(info, dict):
+    return info
+  return {"kind": type(info).__name__,
+          "tokenizer_sha256": getattr(info, "tokenizer_sha256", None)}
+
+
+def model_record(config, vocab_size: int, data_info, init_info=None) -> dict:
   """What a workdir's model.json holds: the resolved architecture and data identity."""
   from lmmask.train import decoder_config
   return {"decoder": dataclasses.asdict(decoder_config(config, vocab_size)),
-          "causal": bool(config.model.causal), "data": data_info, "init_from": init_info}
+          "causal": bool(config.model.causal), "data": data_identity(data_info),
+          "init_from": init_info}
 
 
 def _load_record(base_workdir: str) -> dict:
@@ -43,7 +52,7 @@ def _load_record(base_workdir: str) -> dict:
     return json.load(f)
 
 
-def check_compatible(config, workdir: str, vocab_size: int, data_info: dict) -> dict:
+def check_compatible(config, workdir: str, vocab_size: int, data_info) -> dict:
   """Validate `config` against the base run in config.train.init_from; returns
   the base run's saved config (dict). Raises ValueError naming the first field
   that differs."""
@@ -69,7 +78,7 @@ def check_compatible(config, workdir: str, vocab_size: int, data_info: dict) -> 
           f"this config has {config.model[field]!r}. The architecture comes from the base "
           f"run: set --config.model.{field}={base_model.get(field)} or use another base.")
   base_tok = (record.get("data") or {}).get("tokenizer_sha256")
-  new_tok = data_info.get("tokenizer_sha256")
+  new_tok = data_identity(data_info).get("tokenizer_sha256")
   if base_tok != new_tok:
     raise ValueError(
         f"data tokenizer (meta.json tokenizer_sha256): the base run was trained on data from "

@@ -23,7 +23,7 @@ from lmmask import guards, losses, schedules
 from lmmask import init_from as init_lib
 from lmmask.batching import Batch
 from lmmask.data import pipeline, verbs
-from lmmask.data.shards import DataSource
+from lmmask.data.source import DataSource
 from lmmask.model import Decoder, DecoderConfig, count_params
 
 
@@ -175,7 +175,7 @@ def evaluate(state: TrainState, batches) -> dict:
 DATA_CORPORA = ("verbs", "shards")
 
 
-def load_data(config):
+def load_data(config, workdir: str | None = None) -> DataSource:
   """Dispatch on config.data.corpus: the verb corpus, or token/mask shards."""
   if config.data.corpus == "shards":
     from lmmask.data import shards
@@ -187,7 +187,7 @@ def load_data(config):
     return pipeline.train_batch(train_split, step=step, batch_size=config.data.batch_size,
                                 seed=config.seed, pad_id=pad_id)
   return DataSource(vocab_size=len(corpus.vocab), pad_id=pad_id, train_batch=train_batch,
-                    eval_sets=build_eval_sets(config, train_split, val_split, pad_id),
+                    eval_sets=lambda: build_eval_sets(config, train_split, val_split, pad_id),
                     info={"kind": "verbs", "tokenizer_sha256": None,
                           "vocab_size": len(corpus.vocab)})
 
@@ -289,13 +289,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise PermissionError(f"workdir {workdir} is not writable; choose another --workdir")
   is_new = ckpt.claim_workdir(workdir, cfg_dict) if os.path.isdir(workdir) else True
 
-  data = load_data(config)
+  data = load_data(config, workdir)
   init_from = config.train.get("init_from", "")
   if init_from:  # checked before anything is written into the workdir
     base_cfg = init_lib.check_compatible(config, workdir, data.vocab_size, data.info)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              vocab_size=data.vocab_size)
-  eval_sets = data.eval_sets
+  eval_sets = data.eval_sets()
 
   os.makedirs(workdir, exist_ok=True)
   if is_new:
@@ -390,7 +390,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   from ml_collections import ConfigDict
   config = ConfigDict(ckpt.load_saved_config(workdir))
   setup_jax_cache(config.train.jax_cache_dir)
-  data = load_data(config)
+  data = load_data(config, workdir)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              vocab_size=data.vocab_size)
   sub = ckpt.CKPT_DIR if which == "latest" else ckpt.BEST_DIR
@@ -400,6 +400,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
   restored_step, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
   state = state.replace_from_tree(tree)
-  out = {"step": restored_step, **run_evals(state, data.eval_sets)}
+  out = {"step": restored_step, **run_evals(state, data.eval_sets())}
   mngr.close()
   return out

@@ -41,6 +41,7 @@ import numpy as np
 
 from lmmask.batching import Batch, batch_from_ids
 from lmmask.data import pipeline
+from lmmask.data.source import DataSource
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -367,15 +368,6 @@ class ShardLoader:
 # ---------------------------------------------------------------------------
 # The training-loop adapter (train.load_data dispatches here for corpus="shards").
 
-@dataclasses.dataclass
-class DataSource:
-  vocab_size: int
-  pad_id: int
-  train_batch: object      # step -> Batch
-  eval_sets: dict          # name -> list of Batch
-  info: dict               # recorded in the workdir's model.json
-
-
 def data_source(config) -> DataSource:
   d = config.data
   if not d.path:
@@ -390,13 +382,15 @@ def data_source(config) -> DataSource:
   train_loader = ShardLoader(train, use_loss_mask=use, **kw)
   val_loader = ShardLoader(val, use_loss_mask=use, **kw)
   bs, cap = d.eval_batch_size, d.max_eval_docs
-  eval_sets = {"train": train_loader.eval_batches(bs, cap),
-               "val": val_loader.eval_batches(bs, cap)}
-  if val.masks is not None:
-    # The dataset's own target tokens (assistant turns for chat data), whatever
-    # use_loss_mask says: the number to compare mask-on and mask-off runs by.
-    masked = ShardLoader(val, use_loss_mask=True, **kw)
-    eval_sets["val_masked"] = masked.eval_batches(bs, cap)
+
+  def eval_sets():
+    sets = {"train": train_loader.eval_batches(bs, cap),
+            "val": val_loader.eval_batches(bs, cap)}
+    if val.masks is not None:
+      # The dataset's own target tokens (assistant turns for chat data), whatever
+      # use_loss_mask says: the number to compare mask-on and mask-off runs by.
+      sets["val_masked"] = ShardLoader(val, use_loss_mask=True, **kw).eval_batches(bs, cap)
+    return sets
   info = {"data_path": os.path.abspath(d.path), "kind": meta["kind"],
           "tokenizer_sha256": meta.get("tokenizer_sha256"), "vocab_size": meta["vocab_size"],
           "pad_id": meta["pad_id"], "train_mask_density": train.density}
