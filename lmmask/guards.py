@@ -10,7 +10,7 @@ the step stays one compiled program with no host round trip.
 Step counter: `train.train_step` still increments ``state.step`` on a skipped
 batch. The batch was consumed; data order and the lr schedule are functions of
 the step, so a skipped batch is not retried and the schedule does not stall.
-The step's metrics carry ``skipped=1`` and ``update_norm=0``.
+The step's metrics carry ``skipped_empty=1`` and ``update_norm=0``.
 """
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def train_step(state: TrainState, batch: Batch):
   metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=optax.global_norm(grads),
                  update_norm=jnp.where(skipped, 0.0, optax.global_norm(updates)),
                  param_norm=optax.global_norm(params),
-                 real_tokens=batch.key_mask.sum(), skipped=skipped.astype(jnp.float32))
+                 real_tokens=batch.key_mask.sum(), skipped_empty=skipped.astype(jnp.float32))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -181,13 +181,13 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
   step = jax.jit(train.train_step, donate_argnums=0)
   good = data.train_batch(0)
   state, m1 = step(state, good)  # AdamW momentum is now non-zero
-  assert float(m1["skipped"]) == 0 and float(m1["loss"]) > 0
+  assert float(m1["skipped_empty"]) == 0 and float(m1["loss"]) > 0
   zero = good.replace(loss_mask=np.zeros_like(good.loss_mask))
   before = jax.tree.map(jnp.array, (state.params, state.opt_state))  # step donates state
   step_before = int(state.step)
   new, m = step(state, zero)
   assert float(m["loss"]) == 0.0 and np.isfinite(float(m["loss"]))
-  assert float(m["skipped"]) == 1.0 and float(m["update_norm"]) == 0.0
+  assert float(m["skipped_empty"]) == 1.0 and float(m["update_norm"]) == 0.0
   assert int(new.step) == step_before + 1  # documented: the counter still advances
   assert _params_equal((new.params, new.opt_state), before)
   # Twin without the skip: AdamW moves params on a zero gradient (momentum, decay).
@@ -198,7 +198,7 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
   assert not _params_equal(moved, params)
   # a normal batch after the skip trains again
   _, m3 = step(new, good)
-  assert float(m3["skipped"]) == 0 and float(m3["update_norm"]) > 0
+  assert float(m3["skipped_empty"]) == 0 and float(m3["update_norm"]) > 0
 
 
 def _restore(workdir):
