@@ -7,6 +7,7 @@
   python launch.py --mode=aggregate --workdir=DIR   # sweep results.csv/.md + plots
   python launch.py --mode=generate --workdir=DIR --prompt="yo como /" [--temperature=0.8]
   python launch.py --mode=audit --workdir=DIR [--config=...]   # exits 1 on a leak
+  python launch.py --mode=prepare --config=configs/chat.py:sft   # writes config.data.path
 """
 import json
 import re
@@ -19,8 +20,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/verbs.py[:variant].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit"],
-                          "What to run (sweep/aggregate take a configs/sweeps/ file).")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit", "prepare"],
+    "What to run (sweep/aggregate take a configs/sweeps/ file; prepare writes "
+    "config.data.path from config.prepare and needs no --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
@@ -73,6 +76,15 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MODE.value == "prepare":
+    if _CONFIG.value is None:
+      raise app.UsageError("--config is required for --mode=prepare")
+    from lmmask.data import prepare
+    meta = prepare.prepare(_CONFIG.value)
+    print(f"wrote {_CONFIG.value.data.path}: vocab {meta['vocab_size']}, " + ", ".join(
+        f"{k} {v['num_docs']} docs / {v['num_tokens']} tokens (mask density "
+        f"{v['mask_density']:.3f})" for k, v in meta["splits"].items()))
+    return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

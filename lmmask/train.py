@@ -19,7 +19,8 @@ from flax import nnx
 
 from lmmask import checkpoint as ckpt
 from lmmask import floor as floor_lib  # issue 4: entropy-floor leak alarm
-from lmmask import losses, preempt, schedules
+from lmmask import guards, losses, preempt, schedules
+from lmmask import init_from as init_lib
 from lmmask.batching import Batch
 from lmmask.data import pipeline, verbs
 from lmmask.data.source import DataSource
@@ -73,7 +74,10 @@ def validate_config(config) -> None:
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
   d, m, o, t = config.data, config.model, config.optim, config.train
-  if d.get("corpus", "verbs") == "verbs":
+  corpus_name = d.get("corpus", "verbs")
+  need(corpus_name in DATA_CORPORA, "data.corpus",
+       f"unknown corpus {corpus_name!r}; valid: {', '.join(DATA_CORPORA)}")
+  if corpus_name == "verbs":
     need(d.split in verbs.SPLIT_POLICIES or "random" in str(d.split), "data.split",
          f"unknown split {d.split!r}; valid: {', '.join(verbs.SPLIT_POLICIES)}")
   need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
@@ -162,16 +166,24 @@ def train_step(state: TrainState, batch: Batch):
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
+  # A batch with no counted target (all-zero loss mask) has loss 0 and must not
+  # train: keep params AND optimizer state (AdamW would still move them). The
+  # step counter still advances (the batch is consumed; data order and lr
+  # schedule are step-derived). See lmmask/guards.py. train.nonfinite=skip uses
+  # the same mechanism for a non-finite loss or gradient.
+  skipped_empty = guards.no_targets(metrics)
+  keep_old = skipped_empty
   extra = {}
   if state.skip_nonfinite:  # static: a non-finite step keeps params and opt state, bit for bit
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    params = jax.tree.map(keep, params, state.params)
-    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    keep_old = keep_old | ~finite
     extra["skipped"] = (~finite).astype(jnp.float32)
+  params, opt_state = guards.keep_if(keep_old, (state.params, state.opt_state),
+                                     (params, opt_state))
   metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=grad_norm,
-                 update_norm=optax.global_norm(updates), param_norm=optax.global_norm(params),
-                 real_tokens=batch.key_mask.sum(), **extra)
+                 update_norm=jnp.where(keep_old, 0.0, optax.global_norm(updates)),
+                 param_norm=optax.global_norm(params), real_tokens=batch.key_mask.sum(),
+                 skipped_empty=skipped_empty.astype(jnp.float32), **extra)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -202,6 +214,9 @@ def evaluate(state: TrainState, batches) -> dict:
 # ---------------------------------------------------------------------------
 # The run.
 
+DATA_CORPORA = ("verbs", "text", "shards")
+
+
 def load_verb_data(config):
   corpus = verbs.build_corpus(config.data.split, include_lexicon=config.data.include_lexicon)
   v = corpus.vocab
@@ -209,14 +224,19 @@ def load_verb_data(config):
   return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
 
 
-def load_data(config, workdir: str) -> DataSource:
-  """The corpus named by config.data.corpus: "verbs" (embedded) or "text" (files)."""
+def load_data(config, workdir: str | None = None) -> DataSource:
+  """The corpus named by config.data.corpus: "verbs" (embedded), "text" (files) or
+  "shards" (prepared token/mask shards, e.g. chat SFT)."""
   corpus = config.data.get("corpus", "verbs")
   if corpus == "text":
     from lmmask.data import text
     return text.load_text_data(config, workdir)
+  if corpus == "shards":
+    from lmmask.data import shards
+    return shards.data_source(config)
   if corpus != "verbs":
-    raise ValueError(f"config.data.corpus: unknown corpus {corpus!r}; valid: verbs, text")
+    raise ValueError(f"config.data.corpus: unknown corpus {corpus!r}; "
+                     f"valid: {', '.join(DATA_CORPORA)}")
   vc, train_split, val_split = load_verb_data(config)
   pad_id = vc.vocab.pad_id
   return DataSource(
@@ -322,6 +342,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"from step 0")
 
   data = load_data(config, workdir)
+  init_from = config.train.get("init_from", "")
+  if init_from:  # checked before anything is written into the workdir
+    base_cfg = init_lib.check_compatible(config, workdir, data.vocab_size, data.info)
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              vocab_size=data.vocab_size)
   eval_sets = data.eval_sets()
@@ -341,6 +364,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     best_val = meta.get("best_val_loss", math.inf)
     skips = int(meta.get("nonfinite_skips", 0))
     print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+  elif init_from:
+    state, base_step = init_lib.restore_base_params(config, state, base_cfg, data.vocab_size)
+    init_info = {"workdir": os.path.abspath(init_from), "step": base_step}
+    ckpt.atomic_write_json(os.path.join(workdir, init_lib.MODEL_FILE), init_lib.model_record(
+        config, data.vocab_size, data.info, init_info))
+    print(f"initialised from {init_from} (step {base_step}); fresh optimizer", flush=True)
+  if not os.path.exists(os.path.join(workdir, init_lib.MODEL_FILE)):
+    ckpt.atomic_write_json(os.path.join(workdir, init_lib.MODEL_FILE),
+                           init_lib.model_record(config, data.vocab_size, data.info))
   ckpt.atomic_write_json(os.path.join(workdir, "provenance.json"), provenance())
 
   total = config.train.steps
@@ -432,7 +464,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "best_val_loss": best_val, "best_step": best.latest_step(),
              "num_params": count_params(state.model()),
              "steps_per_sec": steps_done / elapsed if steps_done else None,
-             "train_seconds": elapsed, "split": config.data.split,
+             "train_seconds": elapsed, "split": config.data.get("split"),
              "reduction": config.loss.reduction, "causal": bool(config.model.causal),
              "nonfinite_skips": skips}
   # issue 4: leak alarm, n-gram baseline and (optionally) exact match, next to the model.
