@@ -3,8 +3,14 @@
   python launch.py --config=configs/verbs.py --workdir=/tmp/lmmask/verbs
   python launch.py --mode=eval --workdir=/tmp/lmmask/verbs [--step=N]
   python launch.py --config=configs/verbs.py --workdir=DIR --config.optim.lr=1e-3
+  python launch.py --config=configs/sweeps/lr.py --workdir=DIR --mode=sweep [--dry_run]
+  python launch.py --mode=aggregate --workdir=DIR   # sweep results.csv/.md + plots
+  python launch.py --mode=generate --workdir=DIR --prompt="yo como /" [--temperature=0.8]
+  python launch.py --mode=audit --workdir=DIR [--config=...]   # exits 1 on a leak
+  python launch.py --mode=prepare --config=configs/chat.py:sft   # writes config.data.path
 """
 import json
+import re
 import sys
 
 from absl import app, flags, logging
@@ -14,10 +20,24 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/verbs.py[:variant].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit", "prepare"],
+    "What to run (sweep/aggregate take a configs/sweeps/ file; prepare writes "
+    "config.data.path from config.prepare and needs no --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "sweep: print one launch command per point instead of running.")
+# issue 4: generation flags (--mode=generate).
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeatable), e.g. "
+                                    "'yo como /'; <bos> is added.")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "generate: a file, one prompt a line.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy, > 0 samples.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeliest tokens.")
+_TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass in (0, 1].")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "generate: tokens to add per prompt.")
+_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate: PRNG seed for sampling.")
 
 
 def _print_metrics(title, results):
@@ -29,9 +49,42 @@ def _print_metrics(title, results):
       print(f"  {key:18s} {v:.4f}" if isinstance(v, float) else f"  {key:18s} {v}")
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, but errors in --config (a misspelled override, a bad variant)
+  come out as one clear message instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # bad value; a config file error carries its traceback inside
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if any(l.startswith("Traceback") for l in lines):
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    message = " -- ".join(lines)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+    text = str(e)
+    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    key = hint.group(2) if hint else (re.findall(r"\w+", text) or ["?"])[0]
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    culprit = [a for a in overrides if key in a.split(".")[1:]] or overrides
+    message = (f"{', '.join(culprit)}: the config has no field {key!r}"
+               + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+               + "; fix the override's spelling (the fields are defined in the --config file)")
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                   "Pass --helpshort or --helpfull to see help on flags.\n")
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MODE.value == "prepare":
+    if _CONFIG.value is None:
+      raise app.UsageError("--config is required for --mode=prepare")
+    from lmmask.data import prepare
+    meta = prepare.prepare(_CONFIG.value)
+    print(f"wrote {_CONFIG.value.data.path}: vocab {meta['vocab_size']}, " + ", ".join(
+        f"{k} {v['num_docs']} docs / {v['num_tokens']} tokens (mask density "
+        f"{v['mask_density']:.3f})" for k, v in meta["splits"].items()))
+    return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -44,8 +97,45 @@ def main(argv):
   elif _MODE.value == "eval":
     results = train.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _WHICH.value)
     _print_metrics(f"eval of {_WHICH.value} checkpoint in {_WORKDIR.value}:", results)
+    from lmmask import evaluation  # issue 4: baseline, floor, exact match, length buckets
+    extras = evaluation.evaluate_extras(_WORKDIR.value, results["step"], _WHICH.value)
+    print(evaluation.format_report(results, extras))
+    results.update(extras)
     print(json.dumps(results), file=sys.stderr)
+  elif _MODE.value in ("sweep", "aggregate"):
+    from lmmask import sweep
+    if _MODE.value == "sweep" and _CONFIG.value is None:
+      raise app.UsageError("--config=configs/sweeps/X.py is required for --mode=sweep")
+    if _MODE.value == "aggregate":
+      rows = sweep.aggregate(_WORKDIR.value, _CONFIG.value)
+    elif _DRY_RUN.value:
+      print("\n".join(sweep.commands(_CONFIG.value, _WORKDIR.value, f"python {sys.argv[0]}")))
+      return
+    else:
+      rows = sweep.run(_CONFIG.value, _WORKDIR.value)
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} points done; see {_WORKDIR.value}/results.md, results.csv, plots/")
+  elif _MODE.value == "generate":  # issue 4
+    from lmmask import evaluation
+    prompts = list(_PROMPT.value)
+    if _PROMPT_FILE.value:
+      with open(_PROMPT_FILE.value) as f:
+        prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+      raise app.UsageError("--mode=generate needs --prompt=... (repeatable) or --prompt_file")
+    for prompt, completion in evaluation.generate_text(
+        _WORKDIR.value, prompts, step=_STEP.value, which=_WHICH.value,
+        max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, seed=_SAMPLE_SEED.value):
+      print(f"{prompt} -> {completion}")
+  elif _MODE.value == "audit":  # issue 4: exits non-zero when a leak is found
+    from lmmask import audit
+    res = audit.audit_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value, _WHICH.value)
+    print(f"audit of {res['source']} in {_WORKDIR.value}")
+    print(audit.format_audit(res))
+    if not res["passed"]:
+      sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

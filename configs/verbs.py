@@ -1,8 +1,8 @@
 """The default experiment: a ~120k-parameter decoder on the verb-grammar corpus.
 
-Run (about a minute on 2 CPU cores):
+Run (under a minute on 2 CPU cores):
 
-  python launch.py --config=configs/verbs.py --workdir=/tmp/lmmask/verbs
+  python launch.py --config=configs/verbs.py --workdir=runs/verbs
 
 Variants go through the config argument (comma-separated key=value):
 
@@ -10,9 +10,12 @@ Variants go through the config argument (comma-separated key=value):
   python launch.py --config=configs/verbs.py:causal=false --workdir=...   # the break
   python launch.py --config=configs/verbs.py:tiny --workdir=...           # test size
 
-Expected result (default split "verbs", 3000 steps, seed 0): train PPL ~1.3 and
-val PPL ~2 on the held-out verbs look/like/see/eat; see README.md for the
-numbers measured on the current commit.
+Expected result (split "verbs", 600 steps, seed 0, measured on 2 CPU cores):
+train PPL 2.07 (accuracy 0.77; the corpus' own entropy keeps it from 1), val PPL
+about 19 on the held-out verbs look/like/see/eat, English-side val PPL about 12.
+Held-out verbs' Spanish forms are never seen as targets in training, so their
+val loss is dominated by words the model cannot know; the English side, whose
+lexemes appear in the lexicon lines, is the fairer number.
 """
 from ml_collections import config_dict
 
@@ -71,6 +74,12 @@ def get_config(arg=None):
   c.model.gelu_approximate = False      # False: exact GELU; True: tanh approximation
   c.model.init_std = 0.02               # std of the normal weight init
   c.model.causal = args.get("causal", True)  # False ONLY for the causal-break experiment
+  c.model.pos_encoding = "learned"      # learned (position table) | rope (rotary q/k)
+  c.model.rope_base = 10000.0           # rotary base; used only with pos_encoding=rope
+  c.model.norm = "layernorm"            # layernorm | rmsnorm
+  c.model.mlp = "gelu"                  # gelu (see gelu_approximate) | swiglu (d_ff per branch)
+  c.model.n_kv_heads = 0                # key/value heads: 0 = n_heads (MHA), 1 = MQA, else GQA
+  c.model.tie_embeddings = False        # True: the LM head is the token embedding transposed
   # issue 7: speed options (all exact; off = the reference path)
   c.model.attention = "einsum"          # einsum (reference) | xla | cudnn (GPU fused kernel)
   c.model.remat = False                 # recompute block activations in backward (memory)
@@ -78,32 +87,55 @@ def get_config(arg=None):
 
   c.loss = config_dict.ConfigDict()
   c.loss.reduction = args.get("reduction", "token_mean")  # token_mean|seq_mean|seq_mean_of_means|sum
+  c.loss.z_loss = 0.0                   # z-loss coefficient (t5x: 1e-4); 0 disables; logged
+                                        # as `z_loss`, never part of the reported loss/PPL
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = "adamw"                # adamw | sgd
   c.optim.lr = 3e-3                     # peak learning rate
-  c.optim.warmup_steps = 100            # linear warmup from 0
+  c.optim.warmup_steps = 50             # linear warmup from 0
   c.optim.schedule = "cosine"           # after warmup: cosine | linear | constant
-  c.optim.decay_steps = 3000            # schedule horizon (part of the experiment's identity)
+  c.optim.decay_steps = 600             # schedule horizon (part of the experiment's identity)
   c.optim.end_lr_factor = 0.1           # final lr = lr * end_lr_factor
   c.optim.b1 = 0.9                      # AdamW beta1
   c.optim.b2 = 0.98                     # AdamW beta2
   c.optim.eps = 1e-9                    # AdamW epsilon
-  c.optim.weight_decay = 0.01           # decoupled decay on matrices/embeddings only
+  c.optim.weight_decay = 0.1            # decoupled decay on matrices/embeddings only
   c.optim.momentum = 0.0                # SGD momentum (0 = plain SGD)
   c.optim.clip_norm = 1.0               # global-norm clipping; 0 disables
   c.optim.grad_accum_steps = 1          # micro-batches per step (exact token mean); divides batch
 
   c.train = config_dict.ConfigDict()
-  c.train.steps = 3000                  # total optimizer steps (extending it resumes)
-  c.train.log_every = 50                # steps between metric log lines
-  c.train.eval_every = 500              # steps between validation passes
-  c.train.ckpt_every = 1000             # steps between checkpoints (one is always saved at the end)
+  c.train.steps = 600                   # total optimizer steps (extending it resumes)
+  c.train.log_every = 10                # steps between metric log lines
+  c.train.eval_every = 100              # steps between validation passes
+  c.train.ckpt_every = 200              # steps between checkpoints (one is always saved at the end)
   c.train.keep_checkpoints = 2          # latest checkpoints kept (the best one is kept apart)
   c.train.progress_bar = True           # tqdm bar on a terminal (never on a pipe)
   c.train.jax_cache_dir = "~/.cache/lmmask/jax"  # persistent compilation cache; "" disables
+
+  # Failure handling (docs: "Resuming and failures"); both may change when resuming.
+  c.train.nonfinite = "stop"            # NaN/inf loss or grads: stop | skip (drop update, count)
+  c.train.resume = "auto"               # auto: continue from the latest checkpoint, else start;
+                                        # require: refuse to start without a checkpoint
   c.train.profile_start = -1            # issue 7: first step of a jax.profiler trace; -1 = off
   c.train.profile_steps = 5             # steps traced (into workdir/profile)
+
+  # issue 4: evaluation extras and leak diagnostics (lmmask/evaluation.py, floor.py, audit.py).
+  c.eval = config_dict.ConfigDict()
+  c.eval.direction = "es_en"            # exact match: es_en ("<bos> spanish /" -> English) | en_es
+  c.eval.max_new_tokens = 8             # generation budget per exact-match prompt
+  c.eval.num_examples = 12              # example completions shown next to the references
+  c.eval.exact_match_at_end = True      # greedy exact match on val into results.json
+  c.eval.floor_tolerance = 0.01         # alarm when full-train token-mean loss < floor - this
+  c.eval.audit_tolerance = 1e-5         # audit: largest allowed logit change / attention mass
+  c.eval.audit_batches = 2              # eval batches (per split) the audit probes use
+  c.eval.audit_heatmaps = 3             # examples drawn as attention heat maps by the audit
+
+  # issue 4: the add-k n-gram baseline on the same split (lmmask/ngram.py).
+  c.baseline = config_dict.ConfigDict()
+  c.baseline.ngram_n = 3                # n-gram order (context = previous n-1 tokens)
+  c.baseline.ngram_k = 0.1              # add-k smoothing constant (> 0)
 
   # issue 7: device mesh. The batch is split over data x fsdp, parameters and
   # optimizer state over fsdp. data * fsdp must equal the device count.
@@ -131,4 +163,5 @@ def get_config(arg=None):
     c.train.log_every = 5
     c.train.eval_every = 10
     c.train.ckpt_every = 10
+    c.eval.exact_match_at_end = False   # issue 4: keep the shared tiny runs fast
   return c

@@ -156,3 +156,40 @@ def make_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, length: int |
     tlm = pad_sequences(token_loss_masks, pad_id=0, length=ids.shape[1],
                         pad_side=pad_side, dtype=np.int32)
   return batch_from_ids(ids, pad_id=pad_id, token_loss_mask=tlm, vocab_size=vocab_size)
+
+
+def batch_from_segments(ids, segment_ids, *, vocab_size: int | None = None) -> Batch:
+  """Shift packed (B, L) rows holding several documents into a `Batch`.
+
+  segment_ids (B, L): each document's tokens carry one id > 0 (one contiguous run
+  per id), padding carries 0. Positions restart at 0 in every segment, attention
+  stays inside a segment (masks.attention_mask with segment_ids), and a target
+  counts only when it lies in the same segment as its input, so no loss crosses
+  a document boundary.
+  """
+  seg = np.asarray(segment_ids)
+  ids = _check_ids(ids, 0, vocab_size)
+  if seg.shape != ids.shape or not np.issubdtype(seg.dtype, np.integer):
+    raise ValueError(f"segment_ids must be an integer array of the shape of ids {ids.shape}, "
+                     f"got {seg.dtype} {seg.shape}")
+  if (seg < 0).any():
+    raise ValueError("segment_ids must be >= 0 (0 marks padding)")
+  idx = np.broadcast_to(np.arange(seg.shape[1]), seg.shape)
+  starts = np.ones(seg.shape, bool)
+  starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+  runs = (starts & (seg > 0)).sum(axis=1)
+  distinct = np.array([len(set(r[r > 0].tolist())) for r in seg])
+  if (runs != distinct).any():
+    raise ValueError("each segment id must occupy one contiguous run of a row; renumber "
+                     "the packed documents")
+  pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+  seg_in, seg_tg = seg[:, :-1], seg[:, 1:]
+  real = seg_in > 0
+  return Batch(
+      inputs=ids[:, :-1].astype(np.int32),
+      targets=ids[:, 1:].astype(np.int32),
+      loss_mask=(real & (seg_in == seg_tg)).astype(np.float32),
+      key_mask=real,
+      positions=np.where(real, pos[:, :-1], 0).astype(np.int32),
+      segment_ids=seg_in.astype(np.int32),
+  )

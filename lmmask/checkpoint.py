@@ -2,15 +2,31 @@
 
 A workdir belongs to one experiment: its `config.json` is written once, on the
 first run. A later run compares its config with the saved one, ignoring only the
-fields in `RESUMABLE_FIELDS` (run length, logging, eval and checkpoint cadence).
+fields in `RESUMABLE_FIELDS` (run length, logging, eval and checkpoint cadence)
+and the evaluation-only sections in `RESUMABLE_SECTIONS`.
 Any other difference is refused with the list of differing fields before
 anything in the workdir is touched.
+
+Checkpoint safety (see docs/issue8.md, "Resuming and failures"):
+  * orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when
+    complete, so an interrupted save never becomes a step; leftovers are removed
+    when a training run opens the directory, and after a failed save.
+  * keep-last-N is done here, not by orbax: older steps are deleted only after
+    a newer save has finished without error (orbax picks the steps to delete when
+    a save starts and drops them from its step list even if that save fails).
+  * `restore` checks shapes against the target first (a mismatch is a
+    `CheckpointMismatchError`, never a fallback), then reads the newest step;
+    a damaged one is reported and the previous step is tried.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import sys
 import tempfile
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,11 +40,28 @@ RESUMABLE_FIELDS = frozenset({
     "distributed.mode", "distributed.coordinator_address", "distributed.num_processes",
     "distributed.process_id", "model.attention", "model.remat", "model.scan_layers",
     "optim.grad_accum_steps",
+    "train.nonfinite", "train.resume",  # failure policy: "skip" after a NaN stop is how to go on
 })
+# Whole sections that only change how a model is evaluated, never how it trains.
+RESUMABLE_SECTIONS = ("eval.", "baseline.")
 
 CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
 BEST_DIR = "best"
+DAMAGED_DIR = "checkpoints.damaged"  # damaged steps are moved here by a training run
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's in-progress step directories
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not fit the model/optimizer it is restored into."""
+
+
+class CheckpointDamagedError(RuntimeError):
+  """No readable checkpoint among those on disk."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written; the previous ones are untouched."""
 
 
 def flatten(d, prefix=""):
@@ -65,7 +98,8 @@ def atomic_write_json(path, obj):
 
 def config_diff(saved: dict, new: dict, ignore=RESUMABLE_FIELDS):
   a, b = flatten(saved), flatten(new)
-  keys = sorted((set(a) | set(b)) - set(ignore))
+  keys = sorted(k for k in (set(a) | set(b)) - set(ignore)
+                if not k.startswith(RESUMABLE_SECTIONS))
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys
           if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
@@ -85,12 +119,40 @@ def claim_workdir(workdir: str, config_dict: dict) -> bool:
       raise ValueError(
           f"workdir {workdir} belongs to a different experiment; these fields differ "
           f"from its {CONFIG_FILE}:\n{lines}\nUse a new --workdir, or rerun with the saved "
-          f"values (only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume).")
+          f"values (only {', '.join(sorted(RESUMABLE_FIELDS))} and the "
+          f"{', '.join(s + '*' for s in RESUMABLE_SECTIONS)} sections may change on resume).")
     return False
   if os.path.isdir(os.path.join(workdir, CKPT_DIR)):
     raise ValueError(f"workdir {workdir} has checkpoints but no {CONFIG_FILE}; refusing to "
                      f"write into it. Use a new --workdir.")
   return True
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuse (touching nothing) a workdir that is a file or cannot be written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir} is a file, not a directory; choose another "
+                             f"--workdir")
+  probe = os.path.abspath(workdir)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise NotADirectoryError(f"workdir {workdir} cannot be created: {probe} is a file; "
+                             f"choose another --workdir")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    what = "is not writable" if probe == os.path.abspath(workdir) else \
+        f"cannot be created: {probe} is not writable"
+    raise PermissionError(f"workdir {workdir} {what}; choose another --workdir or fix its "
+                          f"permissions")
+
+
+def committed_steps(workdir: str, sub: str = CKPT_DIR) -> list[int]:
+  """Steps with a complete (renamed) directory in `workdir/sub`, without opening orbax."""
+  d = os.path.join(workdir, sub)
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d)
+                if n.isdigit() and os.path.isdir(os.path.join(d, n)))
 
 
 def load_saved_config(workdir: str) -> dict:
@@ -103,32 +165,208 @@ def load_saved_config(workdir: str) -> dict:
 
 
 def manager(workdir: str, sub: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
+  """An orbax manager for `workdir/sub` that keeps the newest `keep` complete steps.
+
+  create=True (training) creates the directory and removes leftover temporary
+  step directories of interrupted saves; create=False (eval) only reads.
+  """
   directory = os.path.abspath(os.path.join(workdir, sub))
-  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-  return ocp.CheckpointManager(directory, options=opts)
+  if create:
+    _remove_tmp_dirs(directory)  # saves cut short by a crash (orbax would also do it, later)
+  opts = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
+                                      cleanup_tmp_directories=create)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  mngr = ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
+  mngr.lmmask_keep = keep        # pruned by `finish`, only after a newer save completed
+  mngr.lmmask_pending = None     # step of the save in flight, for error messages
+  return mngr
 
 
-def save(mngr: ocp.CheckpointManager, step: int, tree, meta: dict):
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                           meta=ocp.args.JsonSave(meta)), force=True)
+def _remove_tmp_dirs(directory) -> list[str]:
+  gone = []
+  for path in glob.glob(os.path.join(str(directory), "*" + TMP_SUFFIX + "*")):
+    shutil.rmtree(path, ignore_errors=True)
+    gone.append(os.path.basename(path))
+  return gone
 
 
-def restore(mngr: ocp.CheckpointManager, step: int | None, target):
-  """Restore `step` (default: latest) into the structure/shardings of `target`."""
-  steps = mngr.all_steps()
+def _drain(mngr, timeout: float = 120.0):
+  """After a failed save, wait for that save's other background writes to end (orbax
+  raises at the first failing one while the rest keep writing into the temporary dir)."""
+  async_manager = getattr(getattr(mngr, "_checkpointer", None), "_async_manager", None)
+  for fut in list(getattr(async_manager, "_commit_futures", None) or []):
+    try:
+      fut.result(timeout=timeout)
+    except Exception:  # noqa: BLE001 - the failure itself is reported by the caller
+      pass
+
+
+def _save_failed(mngr, step, err: BaseException):
+  mngr.lmmask_pending = None
+  _drain(mngr)
+  _remove_tmp_dirs(mngr.directory)
+  mngr.reload()
+  done = sorted(mngr.all_steps())
+  kept = (f"the previous checkpoint (step {done[-1]}) is intact and a rerun resumes from it"
+          if done else "no earlier checkpoint exists, so a rerun starts from step 0")
+  errno = getattr(err, "errno", None)
+  msg = (f"saving checkpoint step {step} in {mngr.directory} failed: "
+         f"{type(err).__name__}: {err}. The partial step was removed; {kept}. Free disk "
+         f"space (or fix the error above) and rerun the same command.")
+  raise (CheckpointSaveError(errno, msg) if errno else CheckpointSaveError(msg)) from err
+
+
+def prune(mngr):
+  """Delete all but the newest `keep` complete steps (call with no save in flight)."""
+  keep = getattr(mngr, "lmmask_keep", None)
+  if not keep:
+    return
+  mngr.reload()
+  old = sorted(mngr.all_steps())[:-keep]
+  for step in old:
+    # Rename first: a crash during the removal leaves a temporary directory (ignored,
+    # and removed by the next run), never a half-deleted step that looks complete.
+    path = os.path.join(str(mngr.directory), str(step))
+    doomed = f"{path}{TMP_SUFFIX}-deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+  if old:
+    mngr.reload()
+
+
+def finish(mngr):
+  """Wait for the save in flight; raise CheckpointSaveError if it failed, else prune."""
+  step = getattr(mngr, "lmmask_pending", None)
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - any failure of the background write
+    _save_failed(mngr, step, e)
+  mngr.lmmask_pending = None
+  prune(mngr)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, tree, meta: dict) -> bool:
+  """Start an async save of `step` (after the previous one completed).
+
+  Returns False, writing nothing, if `step` already exists: a step is never
+  overwritten (after a resume it would hold the same values anyway).
+  """
+  finish(mngr)
+  if step in mngr.all_steps():
+    return False
+  try:
+    mngr.lmmask_pending = step
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                             meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # noqa: BLE001 - e.g. ENOSPC while creating the step directory
+    try:
+      mngr.wait_until_finished()
+    except Exception:  # noqa: BLE001
+      pass
+    _save_failed(mngr, step, e)
+  return True
+
+
+def _keystr(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _flat_shapes(tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_keystr(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in leaves}
+
+
+def check_fits(mngr, step: int, target):
+  """Raise CheckpointMismatchError if `step`'s arrays differ from `target`'s in name,
+  shape or dtype. Errors reading the metadata propagate (a damaged checkpoint)."""
+  saved = _flat_shapes(mngr.item_metadata(step)["state"].tree)
+  want = _flat_shapes(target)
+  order = lambda k: (not k.startswith("params"), k)  # noqa: E731 - parameters first
+  problems = [f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, model {want[k][0]} {want[k][1]}"
+              for k in sorted(set(saved) & set(want), key=order) if saved[k] != want[k]]
+  problems += [f"{k}: only in the checkpoint" for k in sorted(set(saved) - set(want), key=order)]
+  problems += [f"{k}: only in the model" for k in sorted(set(want) - set(saved), key=order)]
+  if problems:
+    more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+    raise CheckpointMismatchError(
+        f"checkpoint step {step} in {mngr.directory} does not fit this model "
+        f"({len(problems)} array(s) differ):\n  " + "\n  ".join(problems[:8]) + more +
+        "\nRestore it with the config it was trained with (its workdir's config.json), "
+        "or train into a new --workdir.")
+
+
+def _quarantine(directory, step: int, into: str) -> str:
+  os.makedirs(into, exist_ok=True)
+  dest = os.path.join(into, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+  while os.path.exists(dest):
+    dest += "_"
+  os.replace(os.path.join(str(directory), str(step)), dest)
+  return dest
+
+
+def _describe(e: BaseException) -> str:
+  """The innermost cause's type and first line (orbax wraps tensorstore's precise error)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  first = str(e).splitlines()[0][:300] if str(e) else ""
+  return f"{type(e).__name__}: {first}"
+
+
+def restore(mngr: ocp.CheckpointManager, step: int | None, target, *,
+            quarantine: str | None = None):
+  """Restore `step` (default: the newest readable one) into the structure of `target`.
+
+  With step=None a damaged newest step is reported on stderr and the previous one
+  is tried; with `quarantine` (a directory; training runs pass one) damaged steps
+  are moved there so they never shadow a good one again. An explicit `step` is
+  never replaced by another. Returns (step, state, meta).
+  """
+  steps = sorted(mngr.all_steps())
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}; train first or check "
                             f"--workdir")
-  if step is None:
-    step = mngr.latest_step()
-  elif step not in steps:
+  if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {mngr.directory}; "
-                            f"available steps: {sorted(steps)}")
+                            f"available steps: {steps}")
+  candidates = [step] if step is not None else steps[::-1]
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  try:
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                      meta=ocp.args.JsonRestore()))
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"checkpoint step {step} in {mngr.directory} does not fit this model "
-                     f"(different architecture or vocabulary?): {e}") from e
-  return step, out["state"], out["meta"]
+  damaged = []
+  for s in candidates:
+    try:
+      check_fits(mngr, s, target)
+      out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                     meta=ocp.args.JsonRestore()))
+      meta = out["meta"]
+      if not isinstance(meta, dict):
+        raise ValueError(f"meta is {type(meta).__name__}, not a JSON object")
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001 - tensorstore/JSON/missing-file errors all mean damage
+      damaged.append((s, _describe(e)))
+      print(f"lmmask: checkpoint step {s} in {mngr.directory} is damaged or unreadable "
+            f"({_describe(e)})", file=sys.stderr, flush=True)
+      continue
+    if damaged:
+      # Only now, with an older step known good, are the newer ones called damaged
+      # (a systemic error that fails every step moves nothing).
+      for bad, _ in damaged:
+        where = ""
+        if quarantine is not None:
+          where = f"; moved it to {_quarantine(mngr.directory, bad, quarantine)}"
+        print(f"lmmask: skipped damaged checkpoint step {bad}{where}", file=sys.stderr,
+              flush=True)
+      print(f"lmmask: using the previous complete checkpoint, step {s}", file=sys.stderr,
+            flush=True)
+      mngr.reload()
+    return s, out["state"], meta
+  what = f"checkpoint step {step}" if step is not None else f"all {len(steps)} checkpoint(s)"
+  reasons = "\n  ".join(f"step {s}: {why}" for s, why in damaged)
+  raise CheckpointDamagedError(
+      f"{what} in {mngr.directory} could not be read:\n  {reasons}"
+      "\nRestore the files from a backup, choose another --step, or move the directory "
+      "away to start over.")

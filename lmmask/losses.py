@@ -104,3 +104,23 @@ def token_weights(loss_mask, reduction: str):
   if reduction == "seq_mean_of_means":
     return _safe_div(_safe_div(mask, seq_tokens), num_seqs)
   return mask
+
+
+def z_loss(logits, loss_mask, *, coefficient: float, reduction: str = "token_mean"):
+  """Auxiliary z-loss: coefficient * reduce(logsumexp(logits)**2) over counted targets.
+
+  It pulls the softmax normaliser log Z towards 0 (t5x/PaLM use 1e-4). It is
+  reduced exactly like the cross-entropy (same mask, same `reduction`), so adding
+  it to the loss keeps the learning rate's meaning. It is a separate term: the
+  cross-entropy, and the perplexity computed from it, never include it.
+  """
+  check_reduction(reduction)
+  if coefficient < 0:
+    raise ValueError(f"z-loss coefficient must be >= 0, got {coefficient}")
+  logits = jnp.asarray(logits).astype(jnp.float32)
+  mask = jnp.asarray(loss_mask).astype(jnp.float32)
+  if logits.ndim != 3 or mask.shape != logits.shape[:2]:
+    raise ValueError(f"z_loss needs logits (B, T, V) and loss_mask (B, T); got "
+                     f"{logits.shape} and {mask.shape}")
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  return coefficient * reduce_loss(jnp.square(logz) * mask, mask, reduction)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lmmask.batching import Batch, _check_ids
+from lmmask.batching import Batch, _check_ids, batch_from_segments
 
 
 def first_fit(lengths: Sequence[int], length: int, rows: int | None = None):
@@ -83,19 +83,9 @@ def batch_from_packed(ids, segment_ids, *, pad_id: int, vocab_size: int | None =
   if ((seg == 0) != (ids == pad_id)).any():
     raise ValueError("segment_ids must be 0 exactly on pad tokens (and pad_id must not "
                      "appear inside a document)")
-  in_seg, tgt_seg = seg[:, :-1], seg[:, 1:]
-  in_real = in_seg != 0
-  loss_mask = in_real & (in_seg == tgt_seg)
-  # Position = index minus the index where the token's segment starts.
-  t = in_seg.shape[1]
-  idx = np.broadcast_to(np.arange(t), in_seg.shape)
-  starts = np.ones_like(in_real)
-  starts[:, 1:] = in_seg[:, 1:] != in_seg[:, :-1]
-  start_idx = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-  positions = np.where(in_real, idx - start_idx, 0)
-  return Batch(inputs=ids[:, :-1].astype(np.int32), targets=ids[:, 1:].astype(np.int32),
-               loss_mask=loss_mask.astype(np.float32), key_mask=in_real,
-               positions=positions.astype(np.int32), segment_ids=in_seg.astype(np.int32))
+  # The shift itself (targets, loss mask, positions restarting per segment) is
+  # batching.batch_from_segments, shared with the text corpus's packing.
+  return batch_from_segments(ids, seg, vocab_size=vocab_size)
 
 
 def pack_batch(docs, *, length: int, pad_id: int, rows: int | None = None,

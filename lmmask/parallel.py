@@ -30,6 +30,10 @@ BATCH_AXES = ("data", "fsdp")   # the batch row axis is split over both mesh axe
 
 # Logical axes of every parameter, keyed by (module name, parameter name).
 # A kernel of nnx.Linear is (in, out); an embedding table is (rows, features).
+# The decoder options (issue 9) need no more entries: the SwiGLU gate and up
+# projections are the two halves of the fc1 kernel (embed, mlp); grouped-query
+# attention only narrows the qkv output; a tied LM head reuses `embed`; rope has
+# no pos_embed; LayerNorm / RMSNorm scales and biases are vectors, replicated.
 LOGICAL_AXES = {
     ("embed", "embedding"): ("vocab", "embed"),
     ("pos_embed", "embedding"): ("position", "embed"),

@@ -348,3 +348,96 @@ def test_gelu_exact_matches_erf_formula_and_its_gradient():
   np.testing.assert_allclose(jax.grad(lambda a: gelu_exact(a).sum())(x), dref, atol=2e-6)
   # Planted bug: the tanh approximation is a different function.
   assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - ref).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------
+# After the merge with main (issues 4, 6, 8, 9): the speed paths with the decoder
+# options, z-loss inside the accumulated objective, packing per corpus.
+
+_OPTIONS = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2,
+                tie_embeddings=True)
+
+
+@pytest.mark.parametrize("case", ["right", "packed"])
+def test_fused_attention_equals_einsum_with_decoder_options(case):
+  """rope + GQA (2 kv heads for 4 query heads) + swiglu + rmsnorm + tied head."""
+  rng = np.random.default_rng(16)
+  seqs = _docs(rng, n=4, lo=2, hi=12)
+  if case == "packed":
+    b, _ = packing.pack_batch(seqs + _docs(rng, n=4), length=14, pad_id=PAD, rows=4)
+  else:
+    b = batch_from_ids(pad_sequences(seqs, pad_id=PAD, length=14), pad_id=PAD)
+  kw = dict(key_mask=b.key_mask, positions=b.positions,
+            segment_ids=b.segment_ids if case == "packed" else None)
+  want = np.asarray(_jit_apply(_model(**_OPTIONS))(b.inputs, **kw))
+  got = np.asarray(_jit_apply(_model(attention="xla", **_OPTIONS),
+                              keys_are_prefix=case == "right")(b.inputs, **kw))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # Planted bug: packed rows run without their segment ids attend across documents.
+  if case == "packed":
+    leak = np.asarray(_jit_apply(_model(attention="xla", **_OPTIONS))(
+        b.inputs, key_mask=b.key_mask, positions=b.positions, segment_ids=None))
+    assert np.abs(leak - want).max() > 1e-3
+
+
+def test_remat_and_scan_equal_plain_with_rope():
+  b = batch_from_ids(_skewed_ids(np.random.default_rng(17)), pad_id=PAD)
+  outs = []
+  for kw in ({}, {"remat": True}, {"scan_layers": True, "remat": True}):
+    gd, params = nnx.split(_model(**_OPTIONS, **kw), nnx.Param)
+    f = jax.jit(lambda p: accumulate.loss_and_grads(_logits_fn(gd), p, b,
+                                                    reduction="token_mean")[:2])
+    outs.append(f(params))
+  for loss, g in outs[1:]:
+    np.testing.assert_allclose(loss, outs[0][0], rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(g)):
+      np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_z_loss_inside_accumulated_objective():
+  """objective = CE + losses.z_loss (its gradient too), for any micro-batch split;
+  metrics["loss"] stays the cross-entropy and metrics["z_loss"] is the z term."""
+  coef = 0.3
+  batch = batch_from_ids(_skewed_ids(np.random.default_rng(18)), pad_id=PAD)
+  gd, params = nnx.split(_model(), nnx.Param)
+  reduction = "seq_mean_of_means"
+
+  def reference(p):
+    logits = _logits_fn(gd)(p, batch, None)
+    ce, _ = losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
+                                        reduction=reduction)
+    z = losses.z_loss(logits, batch.loss_mask, coefficient=coef, reduction=reduction)
+    return ce + z, (ce, z)
+
+  (ref_total, (ref_ce, ref_z)), ref_g = jax.jit(jax.value_and_grad(reference, has_aux=True))(
+      params)
+  run = jax.jit(lambda p, s, c: accumulate.loss_and_grads(
+      _logits_fn(gd), p, batch, reduction=reduction, steps=s, z_loss=c), static_argnums=(1, 2))
+  for steps in (1, 4):
+    total, g, m = run(params, steps, coef)
+    np.testing.assert_allclose(total, ref_total, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], ref_ce, rtol=1e-5)
+    np.testing.assert_allclose(m["z_loss"], ref_z, rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g)):
+      np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+  # Planted bug: without the z term the gradient is a different one.
+  _, g0, m0 = run(params, 1, 0.0)
+  assert "z_loss" not in m0
+  assert max(float(np.abs(np.asarray(a) - np.asarray(c)).max())
+             for a, c in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g0))) > 1e-4
+
+
+def test_packing_and_prefix_flags_per_corpus():
+  from conftest import tiny_config
+
+  from lmmask import train
+  c = tiny_config()
+  assert train.keys_are_prefix(c)
+  c.data.packing = True
+  assert not train.keys_are_prefix(c)
+  train.validate_config(c)  # verbs packing is fine
+  c.data.corpus = "text"
+  with pytest.raises(ValueError, match="data.packing"):
+    train.validate_config(c)
+  c.data.packing = False
+  assert not train.keys_are_prefix(c)  # text rows may be packed (data.pack)

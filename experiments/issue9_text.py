@@ -1,0 +1,116 @@
+"""Issue 9 experiment report: val PPL, a bigram baseline and samples for text runs.
+
+  python launch.py --config=configs/text.py --workdir=/tmp/lmmask/gpl3
+  python launch.py --config=configs/text.py:modern --workdir=/tmp/lmmask/gpl3_modern
+  python experiments/issue9_text.py /tmp/lmmask/gpl3 /tmp/lmmask/gpl3_modern
+
+For each workdir: the best-by-val checkpoint's train/val loss and PPL, its parameter
+count, and greedy / temperature samples from a few prompts. Sampling here is a
+plain loop of full forward passes over a sliding window (no KV cache; the
+library's decoding lives in lmmask/decode.py once that exists). The bigram
+baseline is add-k smoothed on the training shards and scored on exactly the val
+targets the model is scored on (k picked on val, so it is an optimistic baseline).
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from lmmask import checkpoint as ckpt
+from lmmask import train
+from lmmask.model import count_params
+
+PROMPTS = ("The GNU General Public License", "You may convey", "If you", "  13. ")
+
+
+def restore_best(workdir):
+  config = ConfigDict(ckpt.load_saved_config(workdir))
+  data = train.load_data(config, workdir)
+  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+                                   vocab_size=data.vocab_size)
+  mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1, create=False)
+  step, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
+  mngr.close()
+  return config, data, state.replace_from_tree(tree), step
+
+
+def bigram_baseline(data):
+  tok = data.info["tokenizer"]
+  v = tok.vocab_size
+  counts = np.zeros((v, v))
+  for b in data.info["train"].eval_batches(64):
+    m = b.loss_mask > 0
+    np.add.at(counts, (b.inputs[m], b.targets[m]), 1)
+  val_pairs = [(b.inputs[b.loss_mask > 0], b.targets[b.loss_mask > 0])
+               for b in data.info["val"].eval_batches(64)]
+  best = None
+  for k in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
+    probs = (counts + k) / (counts.sum(1, keepdims=True) + k * v)
+    nll = -sum(np.log(probs[a, t]).sum() for a, t in val_pairs)
+    n = sum(len(a) for a, _ in val_pairs)
+    if best is None or nll / n < best[1]:
+      best = (k, nll / n)
+  return best
+
+
+def sample(state, tok, prompt, *, max_new=48, temperature=0.0, seed=0, window=64):
+  model = state.model()
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def next_logits(params, ids, key_mask, last):
+    m = nnx.merge(graphdef, params)
+    return m(ids, key_mask=key_mask)[0, last]
+
+  ids = [tok.bos_id, *tok.encode(prompt)]
+  rng = np.random.default_rng(seed)
+  for _ in range(max_new):
+    ctx = ids[-window:]
+    buf = np.zeros((1, window), np.int32)
+    buf[0, :len(ctx)] = ctx
+    km = np.zeros((1, window), bool)
+    km[0, :len(ctx)] = True
+    logits = np.asarray(next_logits(params, buf, km, len(ctx) - 1), np.float64)
+    if temperature <= 0:
+      nxt = int(logits.argmax())
+    else:
+      p = np.exp((logits - logits.max()) / temperature)
+      nxt = int(rng.choice(len(p), p=p / p.sum()))
+    if nxt == tok.eos_id:
+      break
+    ids.append(nxt)
+  return tok.decode(ids)
+
+
+def main(workdirs):
+  baseline_done = False
+  for wd in workdirs:
+    config, data, state, step = restore_best(wd)
+    ev = train.run_evals(state, data.eval_sets())
+    m = config.model
+    print(f"== {wd}: pos={m.pos_encoding} norm={m.norm} mlp={m.mlp} d_ff={m.d_ff} "
+          f"n_kv_heads={m.n_kv_heads} params={count_params(state.model())} best step={step}")
+    print(f"   train loss {ev['train_loss']:.4f} (PPL {ev['train_ppl']:.2f})  "
+          f"val loss {ev['val_loss']:.4f} (PPL {ev['val_ppl']:.2f})  "
+          f"val tokens {int(train.evaluate(state, data.eval_sets()['val'])['num_tokens'])}")
+    if not baseline_done:
+      k, nll = bigram_baseline(data)
+      print(f"   bigram baseline (add-{k}): val loss {nll:.4f} (PPL {math.exp(nll):.2f})")
+      baseline_done = True
+    tok = data.info["tokenizer"]
+    for p in PROMPTS:
+      print(f"   greedy  {sample(state, tok, p, window=m.max_len)!r}")
+    for seed in (0, 1):
+      print(f"   T=0.8   {sample(state, tok, PROMPTS[0], temperature=0.8, seed=seed, window=m.max_len)!r}")
+
+
+if __name__ == "__main__":
+  if len(sys.argv) < 2:
+    raise SystemExit("usage: python experiments/issue9_text.py WORKDIR [WORKDIR ...]")
+  main(sys.argv[1:])

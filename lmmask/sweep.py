@@ -1,0 +1,558 @@
+"""Sweeps: one base experiment, a grid or list of overrides, one sub-workdir per point.
+
+A sweep config file (configs/sweeps/*.py) has a `get_config()` returning:
+
+  name     str   the sweep's name (titles of tables and plots)
+  base     str   experiment config file[:arg] every point starts from, e.g.
+                 "configs/verbs.py:tiny" (relative to the cwd, else to the repo root)
+  fixed    nested ConfigDict of overrides applied to every point, shaped like the
+                 experiment config (fixed.train.steps = 300)
+  grid     nested ConfigDict of value lists, shaped like the experiment config
+                 (grid.optim.lr = [1e-3, 3e-3]); the cartesian product is taken,
+                 axes in sorted dotted-key order
+  points   list of {"dotted.key": value} dicts; each is crossed with the grid
+                 (an empty list means the grid alone)
+  metric   str   the metric the tables mark and the plots show (e.g. "val_loss")
+  x        str   dotted key on the x-axis of the metric plot ("" = first grid axis)
+  facet    str   dotted key drawn as separate panels of that plot ("" = none)
+  plot_each bool optional (default True): one loss-curve PNG per point besides the overlay
+  runner   str   optional: "train" (default, train.train_and_evaluate per point, with
+                 checkpoints) or "seedvmap" (points differing only in `seed` and
+                 `optim.lr` train together under vmap, without checkpoints; seedvmap.py)
+
+Each point runs in DIR/<name>, where <name> is built from its overrides
+("reduction=sum,lr=0.001,seed=0"). A point whose results.json covers its
+train.steps is skipped, so re-running a crashed sweep finishes it. After the
+runs, DIR/results.csv and DIR/results.md hold one row per point, and DIR/plots/
+holds the PNG plots. `commands()` instead gives one launch.py command per point
+for a cluster scheduler; `aggregate()` then collects what they wrote.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+from typing import Any
+
+from lmmask import checkpoint as ckpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANIFEST = "sweep.json"
+RUNNERS = ("train", "seedvmap")  # train: train_and_evaluate per point; seedvmap: see seedvmap.py
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]")
+# Columns of results.md (those present); results.csv holds every scalar in results.json.
+MD_METRICS = ("step", "train_loss", "val_loss", "val_ppl", "val_accuracy", "best_val_loss",
+              "train_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  name: str                 # sub-workdir name, unique within the sweep
+  overrides: dict           # dotted key -> value (grid/list overrides only, not `fixed`)
+
+
+# ---------------------------------------------------------------------------
+# Config files and overrides.
+
+def resolve_path(path: str) -> str:
+  """A config path as given (if it exists) or relative to the repo root."""
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  alt = os.path.join(REPO, path)
+  if os.path.exists(alt):
+    return alt
+  raise ValueError(f"config file {path!r} not found (looked in {os.getcwd()} and {REPO}); "
+                   f"give a path like configs/verbs.py")
+
+
+def load_config_file(spec: str):
+  """`get_config(arg)` of a config file given as "path.py[:arg]"."""
+  path, _, arg = spec.partition(":")
+  path = resolve_path(path)
+  name = "lmmask_cfg_" + _SAFE.sub("_", os.path.abspath(path))
+  mod_spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise ValueError(f"{path} has no get_config(); it is not a config file")
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def flatten(tree, prefix="") -> dict:
+  """Nested dict/ConfigDict -> {dotted key: value} (lists stay values)."""
+  d = tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def apply_overrides(config, overrides: dict):
+  """Set dotted keys in a copy of `config`; every key must already exist."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node, parts = config, key.split(".")
+    for i, p in enumerate(parts):
+      if not hasattr(node, "keys") or p not in node:
+        where = ".".join(parts[:i]) or "the config"
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        raise ValueError(f"sweep override {key!r}: {where} has no field {p!r}; valid: {valid}")
+      if i < len(parts) - 1:
+        node = node[p]
+    if hasattr(node[parts[-1]], "keys"):
+      raise ValueError(f"sweep override {key!r} names a section, not a field; "
+                       f"override its fields, e.g. {key}.{sorted(node[parts[-1]].keys())[0]}")
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"sweep override {key}={value!r} has the wrong type: {e}") from None
+  return config
+
+
+# ---------------------------------------------------------------------------
+# Expansion and naming.
+
+def _fmt(value) -> str:
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, float):
+    return f"{value:g}"
+  return str(value)
+
+
+def _flag_value(value) -> str:
+  """A value as a launch.py flag takes it (floats round-trip exactly)."""
+  if isinstance(value, bool):
+    return str(value).lower()
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def _short_keys(keys) -> dict:
+  """Last dotted component, or the full key where two keys share that component."""
+  last = [k.split(".")[-1] for k in keys]
+  return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def point_name(overrides: dict, short: dict | None = None) -> str:
+  if not overrides:
+    return "base"
+  short = short or _short_keys(list(overrides))
+  return ",".join(f"{short[k]}={_SAFE.sub('_', _fmt(v))}" for k, v in overrides.items())
+
+
+def _grid_axes(sweep) -> list[tuple[str, list]]:
+  grid = flatten(sweep.grid) if sweep.get("grid") is not None else {}
+  axes = []
+  for key in sorted(grid):
+    values = grid[key]
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+      raise ValueError(f"sweep grid.{key} must be a list of values, got {values!r}")
+    if len(values) == 0:
+      raise ValueError(f"sweep grid.{key} is empty; give at least one value")
+    axes.append((key, list(values)))
+  return axes
+
+
+def expand(sweep) -> list[Point]:
+  """The sweep's points: each `points` entry crossed with the grid's product."""
+  axes = _grid_axes(sweep)
+  listed = list(sweep.get("points") or []) or [{}]
+  for i, p in enumerate(listed):
+    if not isinstance(p, dict):
+      raise ValueError(f"sweep points[{i}] must be a dict of dotted key -> value, got {p!r}")
+  keys = []
+  for p in listed:
+    keys += [k for k in p if k not in keys]
+  grid_keys = [k for k, _ in axes]
+  clash = sorted(set(keys) & set(grid_keys))
+  if clash:
+    raise ValueError(f"sweep keys {clash} appear both in grid and in points; use one of them")
+  all_keys = keys + grid_keys
+  short = _short_keys(all_keys)
+  out, seen = [], {}
+  for p in listed:
+    for combo in itertools.product(*[v for _, v in axes]):
+      ov = {k: p[k] for k in keys if k in p}
+      ov.update(zip(grid_keys, combo))
+      name = point_name(ov, {k: short[k] for k in ov})
+      if name in seen:
+        raise ValueError(f"two sweep points share the name {name!r} ({seen[name]} and {ov}); "
+                         f"make their override values distinct")
+      seen[name] = ov
+      out.append(Point(name=name, overrides=ov))
+  return out
+
+
+def fixed_overrides(sweep) -> dict:
+  return flatten(sweep.fixed) if sweep.get("fixed") is not None else {}
+
+
+def check_sweep(sweep):
+  for field in ("name", "base"):
+    if not sweep.get(field):
+      raise ValueError(f"sweep config needs a non-empty {field!r} (see lmmask/sweep.py); "
+                       f"is --config a sweep file under configs/sweeps/?")
+
+
+def point_config(sweep, point: Point, base=None):
+  """The full experiment config of one point: base file + fixed + point overrides."""
+  base = load_config_file(sweep.base) if base is None else base
+  return apply_overrides(base, {**fixed_overrides(sweep), **point.overrides})
+
+
+# ---------------------------------------------------------------------------
+# Running.
+
+def _manifest(sweep, points) -> dict:
+  return {"name": sweep.name, "base": sweep.base, "fixed": fixed_overrides(sweep),
+          "metric": sweep.get("metric", "val_loss"), "x": sweep.get("x", ""),
+          "facet": sweep.get("facet", ""), "plot_each": bool(sweep.get("plot_each", True)),
+          "points": [{"name": p.name, "overrides": p.overrides} for p in points]}
+
+
+def write_manifest(sweep, points, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  ckpt.atomic_write_json(os.path.join(workdir, MANIFEST), _manifest(sweep, points))
+
+
+def point_status(config, point_dir: str) -> str:
+  """'done' (results cover train.steps), 'partial' (started) or 'new'.
+
+  Raises ValueError if the directory holds a different experiment.
+  """
+  cfg_path = os.path.join(point_dir, ckpt.CONFIG_FILE)
+  if not os.path.exists(cfg_path):
+    return "new"
+  with open(cfg_path) as f:
+    saved = json.load(f)
+  diff = ckpt.config_diff(saved, ckpt.config_to_dict(config))
+  if diff:
+    lines = "\n".join(f"  {k}: saved={a!r} now={b!r}" for k, a, b in diff)
+    raise ValueError(f"sweep point {point_dir} holds a different experiment:\n{lines}\n"
+                     f"Use a new sweep --workdir (the old points are left untouched).")
+  res_path = os.path.join(point_dir, "results.json")
+  if os.path.exists(res_path):
+    with open(res_path) as f:
+      if json.load(f).get("step") == config.train.steps:
+        return "done"
+  return "partial"
+
+
+def run(sweep, workdir: str, *, train_fn=None, log=print) -> list[dict]:
+  """Run every unfinished point in-process, then aggregate. Returns the rows."""
+  check_sweep(sweep)
+  if train_fn is None:
+    from lmmask.train import train_and_evaluate as train_fn
+  points = expand(sweep)
+  base = load_config_file(sweep.base)
+  configs = [point_config(sweep, p, base) for p in points]
+  status = [point_status(c, os.path.join(workdir, p.name)) for p, c in zip(points, configs)]
+  write_manifest(sweep, points, workdir)
+  todo = sum(s != "done" for s in status)
+  log(f"sweep {sweep.name}: {len(points)} points, {len(points) - todo} already done, "
+      f"{todo} to run in {workdir}")
+  runner = sweep.get("runner", "train") or "train"
+  if runner not in RUNNERS:
+    raise ValueError(f"sweep runner {runner!r} unknown; valid: {', '.join(RUNNERS)}")
+  if runner == "seedvmap":
+    _run_seed_groups(points, configs, status, workdir, log)
+    return aggregate(workdir, sweep)
+  for i, (p, c, s) in enumerate(zip(points, configs, status)):
+    if s == "done":
+      continue
+    log(f"[{i + 1}/{len(points)}] {p.name}" + (" (resuming)" if s == "partial" else ""))
+    train_fn(c, os.path.join(workdir, p.name))
+  return aggregate(workdir, sweep)
+
+
+def _run_seed_groups(points, configs, status, workdir, log):
+  """runner="seedvmap": points equal but for seed and lr train together (no checkpoints)."""
+  from lmmask import seedvmap
+  groups: dict = {}
+  for p, c, s in zip(points, configs, status):
+    if s != "done":
+      key = json.dumps({k: v for k, v in p.overrides.items()
+                        if k not in seedvmap.VARYING}, sort_keys=True)
+      groups.setdefault(key, []).append((p, c))
+  for j, members in enumerate(groups.values()):
+    names = [p.name for p, _ in members]
+    log(f"[group {j + 1}/{len(groups)}] {len(members)} run(s): {names[0]}"
+        + (" ..." if len(names) > 1 else ""))
+    seedvmap.train_seed_group([c for _, c in members],
+                              [os.path.join(workdir, p.name) for p, _ in members], log=log)
+
+
+def commands(sweep, workdir: str, launcher: str = "python launch.py") -> list[str]:
+  """One launch.py command per point (base file + fixed + point overrides as flags)."""
+  check_sweep(sweep)
+  points = expand(sweep)
+  base = load_config_file(sweep.base)
+  out = []
+  for p in points:
+    point_config(sweep, p, base)  # validates every override before printing anything
+    flags = [f"--config={shlex.quote(sweep.base)}",
+             f"--workdir={shlex.quote(os.path.join(workdir, p.name))}"]
+    for k, v in {**fixed_overrides(sweep), **p.overrides}.items():
+      flags.append(shlex.quote(f"--config.{k}={_flag_value(v)}"))
+    out.append(" ".join([launcher, *flags]))
+  write_manifest(sweep, points, workdir)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Aggregation: results.csv, results.md, plots.
+
+def _load_manifest(workdir: str) -> dict:
+  path = os.path.join(workdir, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no {MANIFEST} in {workdir}: not a sweep directory (run "
+                            f"--mode=sweep, with or without --dry_run, first)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _scalar(v) -> bool:
+  return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def collect(workdir: str, manifest: dict) -> list[dict]:
+  rows = []
+  for p in manifest["points"]:
+    row = {"point": p["name"], **p["overrides"]}
+    res_path = os.path.join(workdir, p["name"], "results.json")
+    if os.path.exists(res_path):
+      with open(res_path) as f:
+        res = json.load(f)
+      row["status"] = "done"
+      row.update({k: v for k, v in res.items() if _scalar(v) and k not in row})
+    else:
+      row["status"] = "missing"
+    rows.append(row)
+  return rows
+
+
+def _columns(rows, manifest) -> list[str]:
+  keys = []
+  for p in manifest["points"]:
+    keys += [k for k in p["overrides"] if k not in keys]
+  cols = ["point", *keys, "status"]
+  for r in rows:
+    cols += [k for k in r if k not in cols]
+  return cols
+
+
+def _cell(v) -> str:
+  if v is None or v == "":
+    return ""
+  if isinstance(v, float):
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+  return _fmt(v)
+
+
+def _md_table(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def _mean_std(xs):
+  xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+  if not xs:
+    return None, None
+  m = sum(xs) / len(xs)
+  s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+  return m, s
+
+
+def seed_summary(rows, keys, metric, seed_key="seed"):
+  """Group rows over every swept key but `seed_key`: [(group dict, mean, std, n)]."""
+  group_keys = [k for k in keys if k != seed_key]
+  groups: dict = {}
+  for r in rows:
+    if r["status"] != "done":
+      continue
+    g = tuple(_fmt(r.get(k)) for k in group_keys)
+    groups.setdefault(g, []).append(r.get(metric))
+  out = []
+  for g, vals in groups.items():
+    m, s = _mean_std(vals)
+    out.append((dict(zip(group_keys, g)), m, s, len(vals)))
+  return out
+
+
+def write_tables(workdir: str, rows, manifest) -> None:
+  cols = _columns(rows, manifest)
+  tmp = os.path.join(workdir, ".tmp_results.csv")
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, "") for k in cols})
+  os.replace(tmp, os.path.join(workdir, "results.csv"))
+
+  keys = [c for c in cols[1:] if c != "status" and any(c in p["overrides"]
+                                                      for p in manifest["points"])]
+  metric = manifest.get("metric") or "val_loss"
+  shown = [m for m in (metric, *MD_METRICS) if any(m in r for r in rows)]
+  shown = list(dict.fromkeys(shown))
+  done = [r for r in rows if r["status"] == "done" and _is_number(r.get(metric))
+          and math.isfinite(r[metric])]
+  best = min(done, key=lambda r: r[metric])["point"] if done else None
+  body = [[("**" + r["point"] + "**") if r["point"] == best else r["point"],
+           *[_cell(r.get(k)) for k in keys], r["status"], *[_cell(r.get(m)) for m in shown]]
+          for r in rows]
+  text = [f"# Sweep {manifest['name']}", "",
+          f"Base `{manifest['base']}`; fixed overrides: "
+          + (", ".join(f"`{k}={_fmt(v)}`" for k, v in manifest["fixed"].items()) or "none")
+          + f". {len(done)}/{len(rows)} points done. Best {metric}: "
+          + (f"**{best}**." if best else "n/a."), "",
+          _md_table(["point", *keys, "status", *shown], body)]
+  if "seed" in keys:
+    summ = seed_summary(rows, keys, metric)
+    gk = [k for k in keys if k != "seed"]
+    text += ["", f"## {metric}: mean ± std over seeds", "",
+             _md_table([*gk, f"{metric} mean", "std", "n"],
+                       [[*[g[k] for k in gk], _cell(m), _cell(s), str(n)]
+                        for g, m, s, n in summ])]
+  tmp = os.path.join(workdir, ".tmp_results.md")
+  with open(tmp, "w") as f:
+    f.write("\n".join(text) + "\n")
+  os.replace(tmp, os.path.join(workdir, "results.md"))
+
+
+def read_metrics(point_dir: str) -> list[dict]:
+  path = os.path.join(point_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot(workdir: str, rows, manifest, *, per_point: bool = True) -> list[str]:
+  """PNGs under DIR/plots: loss curves (one per point and an overlay) and the metric
+  against the swept value (mean ± std over seeds, one line per other setting)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  out_dir = os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+
+  # Loss curves.
+  fig_all, ax_all = plt.subplots(figsize=(7, 4.5))
+  n_curves = 0
+  for p in manifest["points"]:
+    recs = read_metrics(os.path.join(workdir, p["name"]))
+    if not recs:
+      continue
+    tr = [(r["step"], r["loss"]) for r in recs if r["kind"] == "train" and "loss" in r]
+    ev = [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in recs if r["kind"] == "eval"]
+    if ev:
+      ax_all.plot([e[0] for e in ev], [e[2] for e in ev], lw=1, alpha=0.7,
+                  label=p["name"] if len(manifest["points"]) <= 12 else None)
+      n_curves += 1
+    if per_point:
+      fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+      if tr:
+        a1.plot(*zip(*tr), lw=1)
+      a1.set_title("optimised loss (its own reduction)", fontsize=9)
+      a1.set_xlabel("step")
+      if ev:
+        a2.plot([e[0] for e in ev], [e[1] for e in ev], "o-", ms=3, label="train (token mean)")
+        a2.plot([e[0] for e in ev], [e[2] for e in ev], "o-", ms=3, label="val (token mean)")
+        a2.legend(fontsize=8)
+      a2.set_title("eval loss", fontsize=9)
+      a2.set_xlabel("step")
+      fig.suptitle(p["name"], fontsize=9)
+      fig.tight_layout()
+      path = os.path.join(out_dir, f"curve_{p['name']}.png")
+      fig.savefig(path, dpi=80)
+      plt.close(fig)
+      written.append(path)
+  if n_curves:
+    ax_all.set_xlabel("step")
+    ax_all.set_ylabel("val loss (token mean)")
+    ax_all.set_title(f"{manifest['name']}: val loss curves ({n_curves} points)")
+    if len(manifest["points"]) <= 12:
+      ax_all.legend(fontsize=7)
+    fig_all.tight_layout()
+    path = os.path.join(out_dir, "loss_curves.png")
+    fig_all.savefig(path, dpi=90)
+    written.append(path)
+  plt.close(fig_all)
+
+  # Metric against the swept value.
+  keys = []
+  for p in manifest["points"]:
+    keys += [k for k in p["overrides"] if k not in keys]
+  metric = manifest.get("metric") or "val_loss"
+  x = manifest.get("x") or next((k for k in keys if k != "seed"), "")
+  done = [r for r in rows if r["status"] == "done" and _is_number(r.get(metric))
+          and x in r]
+  if x and done:
+    facet = manifest.get("facet") or ""
+    facets = list(dict.fromkeys(_fmt(r.get(facet)) for r in done)) if facet else [""]
+    line_keys = [k for k in keys if k not in (x, facet, "seed")]
+    fig, axes = plt.subplots(1, len(facets), figsize=(4.2 * len(facets), 3.6), squeeze=False,
+                             sharey=True)
+    numeric_x = all(_is_number(r[x]) for r in done)
+    for ax, fv in zip(axes[0], facets):
+      sub = [r for r in done if not facet or _fmt(r.get(facet)) == fv]
+      lines = list(dict.fromkeys(tuple(_fmt(r.get(k)) for k in line_keys) for r in sub))
+      for lk in lines:
+        pts = [r for r in sub if tuple(_fmt(r.get(k)) for k in line_keys) == lk]
+        xs = list(dict.fromkeys(r[x] for r in pts))
+        if numeric_x:
+          xs = sorted(xs)
+        stats = [_mean_std([r[metric] for r in pts if r[x] == xv]) for xv in xs]
+        xpos = xs if numeric_x else list(range(len(xs)))
+        nan = lambda v: math.nan if v is None else v  # noqa: E731  (all seeds diverged)
+        ax.errorbar(xpos, [nan(s[0]) for s in stats], yerr=[nan(s[1]) for s in stats],
+                    marker="o",
+                    ms=3, capsize=2, label=",".join(f"{k.split('.')[-1]}={v}"
+                                                     for k, v in zip(line_keys, lk)) or None)
+        if not numeric_x:
+          ax.set_xticks(xpos, [_fmt(v) for v in xs])
+      if numeric_x and all(v > 0 for v in (r[x] for r in sub)) and \
+          max(r[x] for r in sub) / min(r[x] for r in sub) > 20:
+        ax.set_xscale("log")
+      ax.set_xlabel(x)
+      ax.set_title(f"{facet.split('.')[-1]}={fv}" if facet else manifest["name"], fontsize=9)
+      if line_keys:
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(metric + (" (mean ± std over seeds)" if "seed" in keys else ""))
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{metric}_vs_{x.split('.')[-1]}.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def aggregate(workdir: str, sweep=None, *, plots: bool = True, per_point_plots: bool = True):
+  """Collect every point's results.json into results.csv / results.md (+ plots)."""
+  if sweep is not None:
+    check_sweep(sweep)
+    manifest = _manifest(sweep, expand(sweep))
+  else:
+    manifest = _load_manifest(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  rows = collect(workdir, manifest)
+  write_tables(workdir, rows, manifest)
+  if plots:
+    plot(workdir, rows, manifest, per_point=per_point_plots and manifest.get("plot_each", True))
+  return rows

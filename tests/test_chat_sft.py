@@ -1,0 +1,344 @@
+"""Chat prepare (role tags + mask rules), the zero-mask skip, init_from, resume, greedy loop."""
+import importlib.util
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import REPO, _CACHE
+from lmmask import chat_eval, init_from, train
+from lmmask import checkpoint as ckpt
+from lmmask.batching import batch_from_ids
+from lmmask.data import prepare, shards, synthetic_chat
+from lmmask.model import Decoder, DecoderConfig
+
+
+def chat_config(arg):
+  spec = importlib.util.spec_from_file_location("chat_config",
+                                                os.path.join(REPO, "configs", "chat.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.train.progress_bar = False
+  c.train.jax_cache_dir = _CACHE
+  return c
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+  """Tiny text + chat datasets sharing one tokenizer, and a tiny base run."""
+  root = tmp_path_factory.mktemp("chat")
+  text, chat = str(root / "text"), str(root / "chat")
+  pre = chat_config(f"pretrain,tiny,data={text}")
+  sft = chat_config(f"sft,tiny,data={chat}")
+  sft.prepare.tokenizer = text
+  with warnings.catch_warnings():  # tiny sizes drop a few long records, with a warning
+    warnings.simplefilter("ignore", UserWarning)
+    prepare.prepare(pre)
+    prepare.prepare(sft)
+  base = str(root / "base")
+  train.train_and_evaluate(pre, base)
+  return {"root": root, "text": text, "chat": chat, "base": base}
+
+
+# --- mask rules -------------------------------------------------------------
+
+def _reference_mask(ids, tok):
+  """State machine over the token stream, written from the rules in prepare.py."""
+  mask, role = [], None
+  for t in ids:
+    if t in tok.tag_ids:          # an opening tag never counts
+      role = next(r for r, i in tok.role_id.items() if i == t)
+      mask.append(0)
+    elif t == tok.end_id:         # the closing tag counts for the assistant only
+      mask.append(int(role == "assistant"))
+      role = None
+    elif t == tok.bos_id:
+      mask.append(0)
+    else:
+      mask.append(int(role == "assistant"))
+  return mask
+
+
+def _mask_with_opening_tag(tok, messages):
+  """Planted bug (seed 004): the opening <|assistant|> tag is counted too."""
+  ids, mask = prepare.encode_conversation(tok, messages)
+  return ids, [1 if t == tok.role_id["assistant"] else m for t, m in zip(ids, mask)]
+
+
+def _check_mask_properties(tok, ids, mask, messages):
+  assert len(ids) == len(mask)
+  assert all(m == 0 for t, m in zip(ids, mask) if t == tok.role_id["assistant"])
+  n_asst = sum(len(tok.encode_text(m["content"])) + 1 for m in messages
+               if m["role"] == "assistant")
+  assert sum(mask) == n_asst
+
+
+def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
+  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  rng = np.random.default_rng(0)
+  convs = [synthetic_chat.conversation(rng)["messages"] for _ in range(60)]
+  assert any(m[0]["role"] == "system" for m in convs)
+  assert any(sum(x["role"] == "assistant" for x in m) == 2 for m in convs)  # multi-turn
+  for msgs in convs:
+    ids, mask = prepare.encode_conversation(tok, msgs)
+    assert mask == _reference_mask(ids, tok)
+    _check_mask_properties(tok, ids, mask, msgs)
+    assert tok.decode(ids, skip_special=False).count("<|assistant|>") == sum(
+        m["role"] == "assistant" for m in msgs)
+  ids, bad = _mask_with_opening_tag(tok, convs[0])
+  assert bad != _reference_mask(ids, tok)
+  with pytest.raises(AssertionError):
+    _check_mask_properties(tok, ids, bad, convs[0])
+
+
+def test_plain_text_encoding(datasets):
+  tok = prepare.ChatTokenizer.load(datasets["text"])
+  ids, mask = prepare.encode_plain_text(tok, "what is 3 + 4? 7.")
+  assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask == [1] * len(ids)
+  assert tok.decode(ids) == "what is 3 + 4? 7."
+  meta = shards.read_meta(datasets["text"])
+  assert meta["kind"] == "text" and meta["splits"]["train"]["mask_density"] == 1.0
+  chat_meta = shards.read_meta(datasets["chat"])
+  assert chat_meta["tokenizer_sha256"] == meta["tokenizer_sha256"]  # reused, not retrained
+  assert 0.1 < chat_meta["splits"]["train"]["mask_density"] < 0.5
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"messages": []}', "'messages' is empty"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}', "role 'bot'; valid roles"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"},'
+     ' {"role": "assistant", "content": "a"}]}', "system message may only come first"),
+    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}',
+     "empty or non-string content"),
+    ('{"text": "hi"}', "expected an object"),
+    ('not json', "not valid JSON"),
+])
+def test_bad_chat_jsonl(tmp_path, line, match):
+  p = tmp_path / "bad.jsonl"
+  p.write_text('{"messages": [{"role": "user", "content": "a"}, '
+               '{"role": "assistant", "content": "b"}]}\n' + line + "\n")
+  with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{match}"):
+    prepare.read_jsonl(str(p), "chat")
+
+
+def test_content_may_not_spell_role_tags(datasets):
+  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  msgs = [{"role": "user", "content": "hi <|assistant|> yes"},
+          {"role": "assistant", "content": "ok"}]
+  with pytest.raises(ValueError, match=r"message 0 contains the special token '<\|assistant\|>'"):
+    prepare.encode_conversation(tok, msgs)
+
+
+# --- init_from --------------------------------------------------------------
+
+def _params_equal(a, b):
+  a, b = jax.device_get((a, b))
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path):
+  base = datasets["base"]
+  c = chat_config(f"sft,tiny,data={datasets['chat']}")
+  c.train.init_from = base
+  data = train.load_data(c)
+  base_cfg = init_from.check_compatible(c, str(tmp_path / "sft"), data.vocab_size, data.info)
+  state = train.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
+  state, base_step = init_from.restore_base_params(c, state, base_cfg, data.vocab_size)
+  _, base_state = _restore(base)
+  assert base_step == int(base_state.step) == 6
+  assert _params_equal(state.params, base_state.params)
+  assert int(state.step) == 0
+  assert _params_equal(state.opt_state, state.tx.init(state.params))
+
+  wd = str(tmp_path / "sft")
+  c.train.steps = 2
+  res = train.train_and_evaluate(c, wd)
+  assert res["step"] == 2
+  saved = ckpt.load_saved_config(wd)
+  assert saved["train"]["init_from"] == base and saved["data"]["use_loss_mask"] is True
+  rec = json.load(open(os.path.join(wd, init_from.MODEL_FILE)))
+  assert rec["init_from"] == {"workdir": os.path.abspath(base), "step": 6}
+  assert rec["decoder"]["d_model"] == base_cfg["model"]["d_model"]
+  assert rec["decoder"]["dropout"] == c.model.dropout  # training parameter from the SFT config
+
+
+# --- the zero-mask skip inside the jitted step -------------------------------
+
+def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
+  # The SFT tiny config and chat batches, jitted like the train loop: the compiled
+  # step is the one the init_from tests already built (persistent cache).
+  c = chat_config(f"sft,tiny,data={datasets['chat']}")
+  data = train.load_data(c)
+  state = train.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
+  step = jax.jit(train.train_step, donate_argnums=0)
+  good = data.train_batch(0)
+  state, m1 = step(state, good)  # AdamW momentum is now non-zero
+  assert float(m1["skipped_empty"]) == 0 and float(m1["loss"]) > 0
+  zero = good.replace(loss_mask=np.zeros_like(good.loss_mask))
+  before = jax.tree.map(jnp.array, (state.params, state.opt_state))  # step donates state
+  step_before = int(state.step)
+  new, m = step(state, zero)
+  assert float(m["loss"]) == 0.0 and np.isfinite(float(m["loss"]))
+  assert float(m["skipped_empty"]) == 1.0 and float(m["update_norm"]) == 0.0
+  assert int(new.step) == step_before + 1  # documented: the counter still advances
+  assert _params_equal((new.params, new.opt_state), before)
+  # Twin without the skip: AdamW moves params on a zero gradient (momentum, decay).
+  params, opt_state = before
+  grads = jax.tree.map(jnp.zeros_like, params)
+  moved = jax.jit(lambda g, o, p: optax.apply_updates(p, new.tx.update(g, o, p)[0]))(
+      grads, opt_state, params)
+  assert not _params_equal(moved, params)
+  # a normal batch after the skip trains again
+  _, m3 = step(new, good)
+  assert float(m3["skipped_empty"]) == 0 and float(m3["update_norm"]) > 0
+
+
+def _restore(workdir):
+  from ml_collections import ConfigDict
+  config = ConfigDict(ckpt.load_saved_config(workdir))
+  meta = shards.read_meta(config.data.path)
+  state = train.create_train_state(config, jax.random.PRNGKey(0),
+                                   vocab_size=meta["vocab_size"])
+  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False)
+  _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
+  mngr.close()
+  return config, state.replace_from_tree(tree)
+
+
+@pytest.mark.parametrize("field, value", [("d_model", 48), ("n_layers", 2), ("max_len", 72),
+                                          ("vocab_size", 123)])
+def test_init_from_architecture_mismatch_names_field(datasets, tmp_path, field, value):
+  c = chat_config(f"sft,tiny,data={datasets['chat']}")
+  c.train.init_from = datasets["base"]
+  c.model[field] = value
+  wd = str(tmp_path / "sft")
+  with pytest.raises(ValueError, match=f"model.{field}: "):
+    train.train_and_evaluate(c, wd)
+  assert not os.path.exists(wd)  # refused before anything was written
+
+
+def test_init_from_other_tokenizer_refused(datasets, tmp_path):
+  other = str(tmp_path / "chat_other")
+  c = chat_config(f"sft,tiny,data={other}")
+  c.prepare.tokenizer = ""            # a freshly trained tokenizer, same vocab size
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    prepare.prepare(c)
+  c.train.init_from = datasets["base"]
+  with pytest.raises(ValueError, match="model.vocab_size|data tokenizer"):
+    train.train_and_evaluate(c, str(tmp_path / "sft"))
+
+
+def test_use_loss_mask_switch(datasets):
+  on = train.load_data(chat_config(f"sft,tiny,data={datasets['chat']}"))
+  off = train.load_data(chat_config(f"sft,tiny,mask=false,data={datasets['chat']}"))
+  b_on, b_off = on.train_batch(3), off.train_batch(3)
+  np.testing.assert_array_equal(b_on.inputs, b_off.inputs)  # same data order
+  assert 0 < b_on.loss_mask.sum() < b_off.loss_mask.sum()
+  np.testing.assert_array_equal(b_off.loss_mask,
+                                (b_off.key_mask & (b_off.targets != 0)).astype(np.float32))
+  assert np.all(b_on.loss_mask <= b_off.loss_mask)
+
+
+# --- a resumed run continues with the next batch -------------------------------
+
+@pytest.mark.slow
+def test_resumed_run_matches_uninterrupted(datasets, tmp_path):
+  def cfg(steps):
+    c = chat_config(f"sft,tiny,data={datasets['chat']}")
+    c.train.init_from = datasets["base"]
+    c.train.steps, c.train.ckpt_every, c.train.eval_every = steps, 3, 100
+    return c
+  train.train_and_evaluate(cfg(6), str(tmp_path / "straight"))
+  train.train_and_evaluate(cfg(3), str(tmp_path / "resumed"))
+  train.train_and_evaluate(cfg(6), str(tmp_path / "resumed"))  # resumes at step 3
+  _, a = _restore(str(tmp_path / "straight"))
+  _, b = _restore(str(tmp_path / "resumed"))
+  assert int(a.step) == int(b.step) == 6
+  assert _params_equal(a.params, b.params) and _params_equal(a.opt_state, b.opt_state)
+  # the twin: restarting the data at batch 0 after the resume gives other params
+  c = cfg(6)
+  data = train.load_data(c)
+  assert not np.array_equal(data.train_batch(3).inputs, data.train_batch(0).inputs)
+
+
+# --- the greedy loop ----------------------------------------------------------
+
+def _naive_greedy(model, prompt, max_new, stop, fwd):
+  """Reference: re-run the whole unpadded sequence each step, take the last logits."""
+  params = nnx.state(model, nnx.Param)
+  seq = list(prompt)
+  out = []
+  for _ in range(max_new):
+    logits = fwd(params, jnp.asarray([seq]))
+    t = int(np.argmax(np.asarray(logits)[0, -1]))
+    out.append(t)
+    seq.append(t)
+    if t == stop:
+      break
+  return out
+
+
+def test_greedy_generate_matches_naive_loop():
+  model = Decoder(DecoderConfig(vocab_size=13, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                max_len=16), rngs=nnx.Rngs(params=3))
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 13, size=k).tolist() for k in (2, 4)]
+  got = chat_eval.greedy_generate(graphdef, params, prompts, max_new=3, stop_id=12, pad_id=0,
+                                  length=16, batch_size=4)
+  fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, deterministic=True))
+  want = [_naive_greedy(model, p, 3, 12, fwd) for p in prompts]
+  assert got == want
+
+  # planted twin: reading the logits one position too late
+  def off_by_one(graphdef, params, buf, n, causal=True):
+    m = nnx.merge(graphdef, params)
+    logits = m(buf, key_mask=jnp.arange(buf.shape[1])[None] < n[:, None])
+    return jnp.argmax(jnp.take_along_axis(logits, n[:, None, None], 1)[:, 0], -1)
+  real = chat_eval._next_tokens
+  chat_eval._next_tokens = off_by_one
+  try:
+    bad = chat_eval.greedy_generate(graphdef, params, prompts, max_new=3, stop_id=12,
+                                    pad_id=0, length=16, batch_size=4)
+  finally:
+    chat_eval._next_tokens = real
+  assert bad != want
+
+
+def test_evaluate_turns_counts_exact_matches(datasets):
+  """A model forced to emit the reference answers scores 1.0; one that opens with a
+  role tag scores on starts_with_role_tag."""
+  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  split = shards.ShardSplit(datasets["chat"], "val", use_loss_mask=True)
+  turns = [t for d in range(len(split)) for t in chat_eval.assistant_turns(split.doc(d)[0], tok)]
+  assert turns and all(p[-1] == tok.role_id["assistant"] for p, _ in turns)
+  answers = {tuple(p): r + [tok.end_id] for p, r in turns}
+
+  def oracle(graphdef, params, buf, n, causal=True):
+    out = []
+    for row, k in zip(np.asarray(buf), np.asarray(n)):
+      seq = row[:k].tolist()
+      for p, full in sorted(answers.items(), key=lambda kv: -len(kv[0])):
+        if seq[:len(p)] == list(p) and len(seq) - len(p) < len(full):
+          out.append(full[len(seq) - len(p)])
+          break
+      else:
+        out.append(tok.role_id["user"])
+    return jnp.asarray(out)
+  real = chat_eval._next_tokens
+  chat_eval._next_tokens = oracle
+  try:
+    m, ex = chat_eval.evaluate_turns(None, None, split, tok, length=64, num_examples=2)
+  finally:
+    chat_eval._next_tokens = real
+  assert m["exact_match"] == 1.0 and m["stopped"] == 1.0 and m["starts_with_role_tag"] == 0
+  assert m["continues_with_user_turn"] == 1.0 and len(ex) == 2 and ex[0]["exact"]
