@@ -43,7 +43,9 @@ _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate: PRNG seed for s
 def _print_metrics(title, results):
   print(title)
   for key in ("step", "train_loss", "train_ppl", "train_accuracy", "val_loss", "val_ppl",
-              "val_accuracy", "val_english_loss", "val_english_ppl", "steps_per_sec"):
+              "val_accuracy", "val_english_loss", "val_english_ppl", "val_exact_match",
+              "baseline_val_ppl", "entropy_floor", "floor_alarm", "best_step",
+              "best_val_loss", "steps_per_sec"):
     if key in results and results[key] is not None:
       v = results[key]
       print(f"  {key:18s} {v:.4f}" if isinstance(v, float) else f"  {key:18s} {v}")

@@ -1,4 +1,5 @@
 """Helpers shared by the experiment scripts (no flags: experiments take none)."""
+import json
 import math
 import os
 import shutil
@@ -41,3 +42,12 @@ def copy(src, dst_dir, name=None):
   dst = os.path.join(dst_dir, name or os.path.basename(src))
   shutil.copyfile(src, dst)
   return dst
+
+
+def write_results(here: str, parts, summary) -> None:
+  """Write results.md (the lines in `parts`) and summary.json next to run.py; print."""
+  with open(os.path.join(here, "results.md"), "w") as f:
+    f.write("\n".join(parts) + "\n")
+  with open(os.path.join(here, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, sort_keys=True)
+  print("\n".join(parts))

@@ -17,7 +17,6 @@ import math
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict

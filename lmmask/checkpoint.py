@@ -65,6 +65,8 @@ class CheckpointSaveError(OSError):
 
 
 def flatten(d, prefix=""):
+  """Nested dict/ConfigDict -> {dotted key: value} (lists stay values)."""
+  d = d.to_dict() if hasattr(d, "to_dict") else d
   out = {}
   for k, v in d.items():
     key = f"{prefix}{k}"

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shlex
-from typing import Any
 
 from lmmask import checkpoint as ckpt
 
@@ -82,19 +81,6 @@ def load_config_file(spec: str):
   if not hasattr(mod, "get_config"):
     raise ValueError(f"{path} has no get_config(); it is not a config file")
   return mod.get_config(arg) if arg else mod.get_config()
-
-
-def flatten(tree, prefix="") -> dict:
-  """Nested dict/ConfigDict -> {dotted key: value} (lists stay values)."""
-  d = tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
 
 
 def apply_overrides(config, overrides: dict):
@@ -151,7 +137,7 @@ def point_name(overrides: dict, short: dict | None = None) -> str:
 
 
 def _grid_axes(sweep) -> list[tuple[str, list]]:
-  grid = flatten(sweep.grid) if sweep.get("grid") is not None else {}
+  grid = ckpt.flatten(sweep.grid) if sweep.get("grid") is not None else {}
   axes = []
   for key in sorted(grid):
     values = grid[key]
@@ -194,7 +180,7 @@ def expand(sweep) -> list[Point]:
 
 
 def fixed_overrides(sweep) -> dict:
-  return flatten(sweep.fixed) if sweep.get("fixed") is not None else {}
+  return ckpt.flatten(sweep.fixed) if sweep.get("fixed") is not None else {}
 
 
 def check_sweep(sweep):

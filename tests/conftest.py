@@ -15,13 +15,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  """The tiny verbs config (configs/verbs.py:tiny), with dotted-key overrides."""
+def load_config(name="verbs.py", arg="tiny", **overrides):
+  """configs/<name>:<arg> for tests (no progress bar, the test cache), with dotted-key
+  overrides such as ``**{"optim.lr": 1e-3}``."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("verbs_config", os.path.join(REPO, "configs", "verbs.py"))
+  spec = importlib.util.spec_from_file_location(
+      "config_" + name.replace(".", "_"), os.path.join(REPO, "configs", name))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
+  c = mod.get_config(arg)
   c.train.progress_bar = False
   c.train.jax_cache_dir = _CACHE
   for key, value in overrides.items():
@@ -31,6 +33,11 @@ def tiny_config(**overrides):
       node = node[p]
     node[parts[-1]] = value
   return c
+
+
+def tiny_config(**overrides):
+  """The tiny verbs config (configs/verbs.py:tiny), with dotted-key overrides."""
+  return load_config("verbs.py", "tiny", **overrides)
 
 
 @pytest.fixture

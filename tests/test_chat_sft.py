@@ -14,7 +14,6 @@ from flax import nnx
 from conftest import REPO, _CACHE
 from lmmask import chat_eval, init_from, train
 from lmmask import checkpoint as ckpt
-from lmmask.batching import batch_from_ids
 from lmmask.data import prepare, shards, synthetic_chat
 from lmmask.model import Decoder, DecoderConfig
 

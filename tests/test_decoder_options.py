@@ -3,7 +3,6 @@ SwiGLU and z-loss, and the masking properties for every option combination that
 changes attention or positions, each with a planted-bug twin that must fail."""
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import load_config
 from lmmask import batching
 from lmmask.data import text as T
 
@@ -28,20 +29,7 @@ def write_corpus(path, docs):
 
 
 def text_config(**overrides):
-  spec = importlib.util.spec_from_file_location("text_config",
-                                                os.path.join(REPO, "configs", "text.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
-  c.train.progress_bar = False
-  c.train.jax_cache_dir = os.environ["LMMASK_TEST_JAX_CACHE"]  # set by conftest.py
-  for key, value in overrides.items():
-    node = c
-    parts = key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = value
-  return c
+  return load_config("text.py", "tiny", **overrides)
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ final checkpoint and measures the token-mean NLL of every tense (the tenses are
 the length buckets: present forms are the shortest, going_to the longest), on
 the train forms and on the held-out val forms. Writes results.md next to this file.
 """
-import json
 import os
 import sys
 import time
@@ -110,11 +109,7 @@ def main():
               f"### {which}: difference to token_mean, paired by seed", "",
               common.md_table(["reduction", *hdr], rel), ""]
   parts.append(f"Total wall time: {time.time() - t0:.0f} s.")
-  with open(os.path.join(HERE, "results.md"), "w") as f:
-    f.write("\n".join(parts) + "\n")
-  with open(os.path.join(HERE, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, sort_keys=True)
-  print("\n".join(parts))
+  common.write_results(HERE, parts, summary)
 
 
 if __name__ == "__main__":

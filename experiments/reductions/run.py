@@ -7,7 +7,6 @@ into $LMMASK_EXPERIMENTS/reductions/{adam,sgd} (default /tmp/lmmask/experiments)
 measures gradient-norm ratios between reductions, and writes results.md and
 PNG plots next to this file. Finished sweep points are skipped on a rerun.
 """
-import json
 import os
 import sys
 import time
@@ -154,11 +153,7 @@ def main():
   summary["grad_ratios"] = {str(b): {r: m for r, (m, _) in rat.items()} | {"N": n, "N/B": nb}
                             for b, rat, n, nb in ratios}
   parts.append(f"Total wall time: {time.time() - t0:.0f} s.")
-  with open(os.path.join(HERE, "results.md"), "w") as f:
-    f.write("\n".join(parts) + "\n")
-  with open(os.path.join(HERE, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, sort_keys=True)
-  print("\n".join(parts))
+  common.write_results(HERE, parts, summary)
 
 
 if __name__ == "__main__":

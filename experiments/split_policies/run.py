@@ -7,7 +7,6 @@ $LMMASK_EXPERIMENTS/splits and writes results.md next to this file. The n-gram
 baseline column is filled if lmmask.ngram exists (the evaluation issue's module),
 otherwise it reads "n/a".
 """
-import json
 import math
 import os
 import sys
@@ -69,11 +68,7 @@ def main():
                             "best val PPL", "val PPL (English half)", "n-gram val PPL"],
                            table), "",
            f"Total wall time: {time.time() - t0:.0f} s."]
-  with open(os.path.join(HERE, "results.md"), "w") as f:
-    f.write("\n".join(parts) + "\n")
-  with open(os.path.join(HERE, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, sort_keys=True)
-  print("\n".join(parts))
+  common.write_results(HERE, parts, summary)
 
 
 if __name__ == "__main__":
