@@ -1,4 +1,4 @@
-"""Run by tests/test_issue7_mesh.py in a subprocess with 8 fake CPU devices
+"""Run by tests/test_mesh.py in a subprocess with 8 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8). Prints one JSON line of
 measured differences; the test decides pass/fail."""
 import json

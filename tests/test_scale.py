@@ -1,6 +1,6 @@
 """Issue 7 (single process, 1 device): exact reductions under splitting, gradient
 accumulation, packing, the structured attention form and the fused attention path,
-remat/scan, mesh arithmetic. The 8-device checks live in test_issue7_mesh.py."""
+remat/scan, mesh arithmetic. The 8-device checks live in test_mesh.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
