@@ -7,7 +7,7 @@ and the evaluation-only sections in `RESUMABLE_SECTIONS`.
 Any other difference is refused with the list of differing fields before
 anything in the workdir is touched.
 
-Checkpoint safety (see docs/issue8.md, "Resuming and failures"):
+Checkpoint safety (see README.md, "Resuming and failures"):
   * orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when
     complete, so an interrupted save never becomes a step; leftovers are removed
     when a training run opens the directory, and after a failed save.

@@ -1,4 +1,4 @@
-"""Crash, preemption, damaged checkpoints and non-finite steps (docs/issue8.md).
+"""Crash, preemption, damaged checkpoints and non-finite steps (README.md, "Resuming and failures").
 
 Exactness is checked bit for bit: final parameters are compared as raw bytes
 with those of an uninterrupted run of the same config on the same machine.
