@@ -42,6 +42,14 @@ RESUMABLE_FIELDS = frozenset({
     "optim.grad_accum_steps",
     "train.nonfinite", "train.resume",  # failure policy: "skip" after a NaN stop is how to go on
 })
+# Fields added after workdirs already existed. A saved config without one of them
+# ran with the behaviour this value selects, so "absent" and this value are equal.
+ABSENT_MEANS = {
+    "data.corpus": "verbs", "data.packing": False, "data.pack_docs_per_row": 2,
+    "loss.z_loss": 0.0, "model.mlp": "gelu", "model.n_kv_heads": 0,
+    "model.norm": "layernorm", "model.pos_encoding": "learned", "model.rope_base": 10000.0,
+    "model.tie_embeddings": False, "train.init_from": "",
+}
 # Whole sections that only change how a model is evaluated, never how it trains.
 RESUMABLE_SECTIONS = ("eval.", "baseline.")
 
@@ -100,6 +108,10 @@ def atomic_write_json(path, obj):
 
 def config_diff(saved: dict, new: dict, ignore=RESUMABLE_FIELDS):
   a, b = flatten(saved), flatten(new)
+  for key, value in ABSENT_MEANS.items():
+    for side in (a, b):
+      if key not in side and (key in a or key in b):
+        side[key] = value
   keys = sorted(k for k in (set(a) | set(b)) - set(ignore)
                 if not k.startswith(RESUMABLE_SECTIONS))
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys

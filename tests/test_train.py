@@ -184,3 +184,16 @@ def test_launch_train_then_eval_end_to_end(tmp_path):
   bad = subprocess.run(cmd[:3] + ["--config.optim.lrr=1"], capture_output=True, text=True,
                        env=env, timeout=300)
   assert bad.returncode != 0 and "lrr" in bad.stderr
+
+
+def test_fields_added_later_match_their_absent_meaning():
+  """A workdir saved before a field existed resumes when the new field keeps the old
+  behaviour, and is refused when it changes it."""
+  from lmmask import checkpoint as ckpt
+  new = ckpt.config_to_dict(tiny_config())
+  old = json.loads(json.dumps(new))
+  del old["model"]["norm"], old["loss"]["z_loss"]
+  assert ckpt.config_diff(old, new) == []
+  changed = json.loads(json.dumps(new))
+  changed["model"]["norm"] = "rmsnorm"
+  assert [d[0] for d in ckpt.config_diff(old, changed)] == ["model.norm"]
