@@ -2,7 +2,7 @@
 
   python launch.py --config=configs/text.py --workdir=/tmp/lmmask/gpl3
   python launch.py --config=configs/text.py:modern --workdir=/tmp/lmmask/gpl3_modern
-  python experiments/issue9_text.py /tmp/lmmask/gpl3 /tmp/lmmask/gpl3_modern
+  python experiments/text_decoders/run.py /tmp/lmmask/gpl3 /tmp/lmmask/gpl3_modern
 
 For each workdir: the best-by-val checkpoint's train/val loss and PPL, its parameter
 count, and greedy / temperature samples from a few prompts. Sampling here is a
@@ -111,5 +111,5 @@ def main(workdirs):
 
 if __name__ == "__main__":
   if len(sys.argv) < 2:
-    raise SystemExit("usage: python experiments/issue9_text.py WORKDIR [WORKDIR ...]")
+    raise SystemExit("usage: python experiments/text_decoders/run.py WORKDIR [WORKDIR ...]")
   main(sys.argv[1:])
