@@ -75,6 +75,16 @@ def _parse_flags(argv):
   sys.exit(1)
 
 
+def _set_cpu_devices(config):
+  """config.mesh.cpu_devices > 1: that many XLA:CPU devices (before JAX touches one)."""
+  n = config.get("mesh", {}).get("cpu_devices", 1) if config is not None else 1
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    raise app.UsageError(f"mesh.cpu_devices must be a positive int (1 = off), got {n!r}")
+  if n > 1:
+    import jax
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -90,6 +100,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  _set_cpu_devices(_CONFIG.value)
   from lmmask import train  # after flag parsing, so --help is fast
   if _MODE.value == "train":
     if _CONFIG.value is None:

@@ -2,6 +2,7 @@
 
   python benchmarks/compare.py                          # default config, 3 rounds
   python benchmarks/compare.py configs=small rounds=3 steps=8 gelu_approximate=1
+  python benchmarks/compare.py cpu_devices=2   # lmmask data parallel over 2 XLA:CPU devices
 
 Each round runs, one after another on the same cores: lmmask on padded batches,
 PyTorch eager on the same padded batches, lmmask on the same documents packed
@@ -24,7 +25,9 @@ import torch_reference  # noqa: E402
 
 def main(argv=None):
   o = throughput.parse_kv(sys.argv[1:] if argv is None else argv,
-                          dict(configs="default", rounds=3, steps=8, gelu_approximate=False))
+                          dict(configs="default", rounds=3, steps=8, gelu_approximate=False,
+                               cpu_devices=1))  # see throughput.set_cpu_devices
+  throughput.set_cpu_devices(o["cpu_devices"])
   for name in o["configs"].split(","):
     spec = throughput.CONFIGS[name]
     padded = throughput.padded_batches(spec)
@@ -49,6 +52,7 @@ def main(argv=None):
         "config": name, "rounds": o["rounds"], "steps_per_round": o["steps"],
         "gelu_approximate": o["gelu_approximate"],
         "threads": torch_reference.torch.get_num_threads(),
+        "jax_devices": throughput.jax.device_count(),
         "logits_max_abs_diff": runners["torch_padded"].logits_max_abs_diff,
         "real_fraction_padded": sum(runners["jax_padded"].real) / (
             len(padded) * spec["batch"] * spec["seq"]),

@@ -61,6 +61,15 @@ def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=Fa
   return c
 
 
+def set_cpu_devices(n: int):
+  """Split the host into n XLA:CPU devices (jax_num_cpu_devices); JaxRunner then splits the
+  batch over them (data parallel, same maths). XLA:CPU runs most fused elementwise kernels
+  on one thread, so on a multi-core CPU n > 1 is how one step uses the other cores.
+  Must run before JAX first touches a device."""
+  if n != 1:
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def documents(spec: dict, n: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   lens = rng.integers(spec["min_len"], spec["max_len"] + 1, size=n)
@@ -125,11 +134,23 @@ class JaxRunner:
     self.state = train.create_train_state(config, jax.random.PRNGKey(0),
                                           vocab_size=spec["vocab"])
     self.config = config
+    self.mesh = None
+    if jax.device_count() > 1:  # e.g. cpu_devices=2: the batch split over the devices
+      from lmmask import parallel
+      self.mesh = parallel.mesh_from_config(config)
+      parallel.check_batch_size(spec["batch"], self.mesh)
+      self.state = parallel.shard_state(self.state, self.mesh)
+      self.batches = [jax.device_put(b, parallel.batch_sharding(self.mesh)) for b in batches]
     model = self.state.model()
     self.n_params = count_params(model)
     self.n_embed = model.embed.embedding[...].size + model.pos_embed.embedding[...].size
     t = time.perf_counter()
-    lowered = jax.jit(train.train_step, donate_argnums=0).lower(self.state, self.batches[0])
+    if self.mesh is None:
+      jitted = jax.jit(train.train_step, donate_argnums=0)
+    else:
+      from lmmask import parallel
+      jitted = parallel.jit_train_step(train.train_step, self.state, self.mesh)
+    lowered = jitted.lower(self.state, self.batches[0])
     compiled = lowered.compile(compiler_options or None)  # XLA debug options, e.g. onednn
     self.compile_s = time.perf_counter() - t
     self.step = compiled
@@ -164,7 +185,7 @@ def report(name, spec, runner, times, steps, packing, peak):
   flops = model_flops_per_step(spec, runner.n_params - runner.n_embed)
   return {
       "config": name, "packing": packing, "backend": jax.default_backend(),
-      "device": jax.devices()[0].device_kind, "dtype": runner.config.model.dtype,
+      "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "dtype": runner.config.model.dtype,
       "attention": runner.config.model.attention,
       "gelu_approximate": runner.config.model.gelu_approximate,
       "params": runner.n_params, "batch": spec["batch"], "seq": spec["seq"],
@@ -192,11 +213,13 @@ def parse_kv(argv, defaults: dict) -> dict:
 
 
 OPTIONS = dict(configs="default,small", steps=10, packing=False, gelu_approximate=False,
-               attention=None, dtype=None, remat=False, scan_layers=False)
+               attention=None, dtype=None, remat=False, scan_layers=False,
+               cpu_devices=1)  # >1: data parallel over that many XLA:CPU devices
 
 
 def main(argv=None):
   o = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
+  set_cpu_devices(o["cpu_devices"])
   for name in o["configs"].split(","):
     spec = CONFIGS[name]
     batches = packed_batches(spec) if o["packing"] else padded_batches(spec)
