@@ -1,5 +1,4 @@
 """Chat prepare (role tags + mask rules), the zero-mask skip, init_from, resume, greedy loop."""
-import importlib.util
 import json
 import os
 import warnings
@@ -11,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import REPO, _CACHE
+from conftest import load_config
 from lmmask import chat_eval, init_from, train
 from lmmask import checkpoint as ckpt
 from lmmask.data import prepare, shards, synthetic_chat
@@ -19,14 +18,7 @@ from lmmask.model import Decoder, DecoderConfig
 
 
 def chat_config(arg):
-  spec = importlib.util.spec_from_file_location("chat_config",
-                                                os.path.join(REPO, "configs", "chat.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
-  c.train.progress_bar = False
-  c.train.jax_cache_dir = _CACHE
-  return c
+  return load_config("chat.py", arg)
 
 
 @pytest.fixture(scope="module")

@@ -278,11 +278,12 @@ def test_fused_attention_zero_rows_without_keys():
                              atol=1e-6)
 
 
-def test_remat_and_scan_equal_plain_in_value_and_gradient():
-  b = batch_from_ids(_skewed_ids(np.random.default_rng(7)), pad_id=PAD)
+def _assert_variants_equal(seed, variants, **model_kwargs):
+  """Loss and gradients of each model variant equal those of the first one."""
+  b = batch_from_ids(_skewed_ids(np.random.default_rng(seed)), pad_id=PAD)
   outs = []
-  for kw in ({}, {"remat": True}, {"scan_layers": True}):
-    gd, params = nnx.split(_model(**kw), nnx.Param)
+  for kw in variants:
+    gd, params = nnx.split(_model(**model_kwargs, **kw), nnx.Param)
     f = jax.jit(lambda p: accumulate.loss_and_grads(_logits_fn(gd), p, b,
                                                     reduction="token_mean")[:2])
     outs.append(f(params))
@@ -290,6 +291,10 @@ def test_remat_and_scan_equal_plain_in_value_and_gradient():
     np.testing.assert_allclose(loss, outs[0][0], rtol=1e-5)
     for a, c in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(g)):
       np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_and_scan_equal_plain_in_value_and_gradient():
+  _assert_variants_equal(7, ({}, {"remat": True}, {"scan_layers": True}))
 
 
 def test_decoder_config_rejects_unknown_attention():
@@ -381,17 +386,8 @@ def test_fused_attention_equals_einsum_with_decoder_options(case):
 
 
 def test_remat_and_scan_equal_plain_with_rope():
-  b = batch_from_ids(_skewed_ids(np.random.default_rng(17)), pad_id=PAD)
-  outs = []
-  for kw in ({}, {"remat": True}, {"scan_layers": True, "remat": True}):
-    gd, params = nnx.split(_model(**_OPTIONS, **kw), nnx.Param)
-    f = jax.jit(lambda p: accumulate.loss_and_grads(_logits_fn(gd), p, b,
-                                                    reduction="token_mean")[:2])
-    outs.append(f(params))
-  for loss, g in outs[1:]:
-    np.testing.assert_allclose(loss, outs[0][0], rtol=1e-5)
-    for a, c in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(g)):
-      np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
+  _assert_variants_equal(17, ({}, {"remat": True}, {"scan_layers": True, "remat": True}),
+                         **_OPTIONS)
 
 
 def test_z_loss_inside_accumulated_objective():
