@@ -107,6 +107,7 @@ def main(argv):
       raise app.UsageError("--config is required for --mode=train")
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     _print_metrics(f"results ({_WORKDIR.value}/results.json):", results)
+    print(f"val PPL {results['val_ppl']:.2f} (train PPL {results['train_ppl']:.2f})")
   elif _MODE.value == "eval":
     results = train.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _WHICH.value)
     _print_metrics(f"eval of {_WHICH.value} checkpoint in {_WORKDIR.value}:", results)
