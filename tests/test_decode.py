@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from lmmask import decode, masks
+from test_decoder_options import COMBOS
 from lmmask.model import Decoder, DecoderConfig
 
 V = 23
@@ -41,16 +42,12 @@ def test_kv_cache_logits_match_full_forward_every_step(model):
   assert max_parity_error(model, temperature=1.0, rng=jax.random.PRNGKey(0)) < 1e-5
 
 
-_FIELDS = {f.name for f in __import__("dataclasses").fields(DecoderConfig)}
-
-
-@pytest.mark.skipif("pos_encoding" not in _FIELDS,
-                    reason="this DecoderConfig has no rope/GQA/SwiGLU options")
-def test_kv_cache_parity_with_decoder_options():
-  """Rotary positions, grouped-query attention, RMSNorm, SwiGLU, tied embeddings."""
+@pytest.mark.parametrize("name", sorted(COMBOS))
+def test_kv_cache_parity_with_decoder_options(name):
+  """Every decoder option that changes attention or positions (rotary positions,
+  grouped-query / multi-query attention, and the all-options "modern" model)."""
   cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
-                      init_std=0.3, pos_encoding="rope", n_kv_heads=2, norm="rmsnorm",
-                      mlp="swiglu", tie_embeddings=True)
+                      init_std=0.3, **COMBOS[name])
   m = Decoder(cfg, rngs=nnx.Rngs(params=4))
   assert max_parity_error(m) < 1e-5
   batch = decode.generate(m, PROMPTS, max_new_tokens=6, eos_id=None, return_logits=True)
