@@ -455,6 +455,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   window_t, window_tokens = time.perf_counter(), 0.0
   steps_done = 0
+  last_eval = None  # (step, metrics) of the latest in-loop evaluation
   completed = False
   stop = preempt.StopSignals().install()  # SIGTERM/SIGINT: finish step, save, exit 128+signum
   try:
@@ -496,6 +497,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           tok_s=f"{metrics['tokens_per_sec']:.0f}")
       if _is_due(done, config.train.eval_every, total):
         ev = run_evals(state, eval_sets)
+        last_eval = (done, dict(ev))
         ev.update(floor_monitor.check(done, ev))  # issue 4: alarm below the entropy floor
         if logger is not None:
           logger.write(done, "eval", ev)
@@ -533,7 +535,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       raise errors[0]
   elapsed = time.perf_counter() - t0
 
-  results = {"step": int(state.step), **run_evals(state, eval_sets),
+  # The loop always evaluates its final step; a run with nothing left to train
+  # (already at train.steps) evaluates here.
+  final_eval = last_eval[1] if last_eval and last_eval[0] == int(state.step) else \
+      run_evals(state, eval_sets)
+  results = {"step": int(state.step), **final_eval,
              "best_val_loss": best_val, "best_step": best.latest_step(),
              "num_params": count_params(state.model()),
              "steps_per_sec": steps_done / elapsed if steps_done else None,

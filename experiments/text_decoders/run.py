@@ -6,8 +6,9 @@
 
 For each workdir: the best-by-val checkpoint's train/val loss and PPL, its parameter
 count, and greedy / temperature samples from a few prompts. Sampling here is a
-plain loop of full forward passes over a sliding window (no KV cache; the
-library's decoding lives in lmmask/decode.py once that exists). The bigram
+plain loop of full forward passes over a sliding window of max_len tokens, so a
+sample can run longer than the context; lmmask/decode.py's KV cache stops at
+max_len. The bigram
 baseline is add-k smoothed on the training shards and scored on exactly the val
 targets the model is scored on (k picked on val, so it is an optimistic baseline).
 """
@@ -91,13 +92,14 @@ def main(workdirs):
   baseline_done = False
   for wd in workdirs:
     config, data, state, step = restore_best(wd)
-    ev = train.run_evals(state, data.eval_sets())
+    eval_sets = data.eval_sets()
+    ev = train.run_evals(state, eval_sets)
     m = config.model
     print(f"== {wd}: pos={m.pos_encoding} norm={m.norm} mlp={m.mlp} d_ff={m.d_ff} "
           f"n_kv_heads={m.n_kv_heads} params={count_params(state.model())} best step={step}")
     print(f"   train loss {ev['train_loss']:.4f} (PPL {ev['train_ppl']:.2f})  "
           f"val loss {ev['val_loss']:.4f} (PPL {ev['val_ppl']:.2f})  "
-          f"val tokens {int(train.evaluate(state, data.eval_sets()['val'])['num_tokens'])}")
+          f"val tokens {int(sum(b.loss_mask.sum() for b in eval_sets['val']))}")
     if not baseline_done:
       k, nll = bigram_baseline(data)
       print(f"   bigram baseline (add-{k}): val loss {nll:.4f} (PPL {math.exp(nll):.2f})")
