@@ -52,9 +52,9 @@ def get_config(arg=None):
   c.data.bos_token = "<bos>"
   c.data.eos_token = "<eos>"
   c.data.length = 65                    # tokens per row (L); windows of a document overlap by 1
-  c.data.pack = True                    # pack short windows into one row (segment ids);
+  c.data.packing = True                 # pack short windows into one row (segment ids);
                                         # False: one window per padded row
-  c.data.pad_side = "right"             # right | left (left only with pack=False)
+  c.data.pad_side = "right"             # right | left (left only with packing=False)
   c.data.batch_size = 16                # rows per training step
   c.data.eval_batch_size = 32           # rows per evaluation batch
   c.data.max_eval_batches = 0           # cap on eval batches per split; 0 = the whole split

@@ -22,7 +22,12 @@ import tempfile
 from typing import Iterable, Mapping, Sequence
 
 TOKENIZER_FILE = "tokenizer.json"
-BYTE_ALPHABET = 256  # a byte-level BPE starts from one symbol per byte
+TEXT_SPECIALS = ("<pad>", "<bos>", "<eos>")
+# Chat structure tokens (data/prepare.py); they follow the text specials, so ids
+# are <pad>=0 <bos>=1 <eos>=2 <|system|>=3 <|user|>=4 <|assistant|>=5 <|end|>=6.
+CHAT_ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+CHAT_END = "<|end|>"
+CHAT_SPECIALS = (*TEXT_SPECIALS, *CHAT_ROLE_TAGS.values(), CHAT_END)
 
 
 def _tokenizers():
@@ -76,6 +81,17 @@ def save_atomic(tok, path: str) -> None:
       os.unlink(tmp)
 
 
+def _resolve(path: str) -> str:
+  """`path`, or the tokenizer.json inside it when it is a directory (a dataset)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, TOKENIZER_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no tokenizer file at {path!r}; point the config at a "
+                            f"tokenizer.json (or the dataset directory holding one), or "
+                            f"leave it empty to train one")
+  return path
+
+
 class Tokenizer:
   """A `tokenizers.Tokenizer` plus the special ids lmmask uses.
 
@@ -113,13 +129,26 @@ class Tokenizer:
   @classmethod
   def load(cls, path: str, **kw) -> "Tokenizer":
     """A tokenizer.json (or a directory holding one) with the named special tokens."""
-    if os.path.isdir(path):
-      path = os.path.join(path, TOKENIZER_FILE)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"no tokenizer file at {path!r}; point the config at a "
-                              f"tokenizer.json (or the dataset directory holding one), or "
-                              f"leave it empty to train one")
+    path = _resolve(path)
     return cls(_tokenizers().Tokenizer.from_file(path), path=path, **kw)
+
+  @classmethod
+  def chat(cls, tok, path: str | None = None) -> "Tokenizer":
+    """The chat wrapper of a `tokenizers.Tokenizer`: role and end tags, every special
+    at its fixed id (so a dataset's ids mean the same whichever tokenizer.json they
+    came from)."""
+    ids = {s: tok.token_to_id(s) for s in CHAT_SPECIALS}
+    expected = {s: i for i, s in enumerate(CHAT_SPECIALS)}
+    if ids != expected:
+      raise ValueError(f"tokenizer {path or ''} has special tokens at {ids}, chat data "
+                       f"needs the fixed ids {expected}; train it with --mode=prepare and "
+                       f"prepare.tokenizer=''")
+    return cls(tok, role_tokens=CHAT_ROLE_TAGS, end_token=CHAT_END, path=path)
+
+  @classmethod
+  def load_chat(cls, path: str) -> "Tokenizer":
+    path = _resolve(path)
+    return cls.chat(_tokenizers().Tokenizer.from_file(path), path)
 
   def save(self, path: str) -> None:
     """Write tokenizer.json atomically; this wrapper then refers to that file."""
