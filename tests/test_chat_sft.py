@@ -13,7 +13,8 @@ from flax import nnx
 from conftest import load_config
 from lmmask import chat_eval, init_from, train
 from lmmask import checkpoint as ckpt
-from lmmask.data import prepare, shards, synthetic_chat
+from lmmask.data import prepare, registry, shards, synthetic_chat
+from lmmask.data.tokenizer import Tokenizer
 from lmmask.model import Decoder, DecoderConfig
 
 
@@ -58,7 +59,8 @@ def _reference_mask(ids, tok):
 
 
 def _mask_with_opening_tag(tok, messages):
-  """Planted bug (seed 004): the opening <|assistant|> tag is counted too."""
+  """Planted bug: the opening <|assistant|> tag is counted too (the model then learns
+  to emit role tags itself)."""
   ids, mask = prepare.encode_conversation(tok, messages)
   return ids, [1 if t == tok.role_id["assistant"] else m for t, m in zip(ids, mask)]
 
@@ -72,7 +74,7 @@ def _check_mask_properties(tok, ids, mask, messages):
 
 
 def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  tok = Tokenizer.load_chat(datasets["chat"])
   rng = np.random.default_rng(0)
   convs = [synthetic_chat.conversation(rng)["messages"] for _ in range(60)]
   assert any(m[0]["role"] == "system" for m in convs)
@@ -90,7 +92,7 @@ def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
 
 
 def test_plain_text_encoding(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["text"])
+  tok = Tokenizer.load_chat(datasets["text"])
   ids, mask = prepare.encode_plain_text(tok, "what is 3 + 4? 7.")
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask == [1] * len(ids)
   assert tok.decode(ids) == "what is 3 + 4? 7."
@@ -121,7 +123,7 @@ def test_bad_chat_jsonl(tmp_path, line, match):
 
 
 def test_content_may_not_spell_role_tags(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  tok = Tokenizer.load_chat(datasets["chat"])
   msgs = [{"role": "user", "content": "hi <|assistant|> yes"},
           {"role": "assistant", "content": "ok"}]
   with pytest.raises(ValueError, match=r"message 0 contains the special token '<\|assistant\|>'"):
@@ -139,8 +141,8 @@ def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path)
   base = datasets["base"]
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
   c.train.init_from = base
-  data = train.load_data(c)
-  base_cfg = init_from.check_compatible(c, str(tmp_path / "sft"), data.vocab_size, data.info)
+  data = registry.load(c)
+  base_cfg = init_from.check_compatible(c, str(tmp_path / "sft"), data.vocab_size, data.identity)
   state = train.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
   state, base_step = init_from.restore_base_params(c, state, base_cfg, data.vocab_size)
   _, base_state = _restore(base)
@@ -167,7 +169,7 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
   # The SFT tiny config and chat batches, jitted like the train loop: the compiled
   # step is the one the init_from tests already built (persistent cache).
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
-  data = train.load_data(c)
+  data = registry.load(c)
   state = train.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
   step = jax.jit(train.train_step, donate_argnums=0)
   good = data.train_batch(0)
@@ -229,8 +231,8 @@ def test_init_from_other_tokenizer_refused(datasets, tmp_path):
 
 
 def test_use_loss_mask_switch(datasets):
-  on = train.load_data(chat_config(f"sft,tiny,data={datasets['chat']}"))
-  off = train.load_data(chat_config(f"sft,tiny,mask=false,data={datasets['chat']}"))
+  on = registry.load(chat_config(f"sft,tiny,data={datasets['chat']}"))
+  off = registry.load(chat_config(f"sft,tiny,mask=false,data={datasets['chat']}"))
   b_on, b_off = on.train_batch(3), off.train_batch(3)
   np.testing.assert_array_equal(b_on.inputs, b_off.inputs)  # same data order
   assert 0 < b_on.loss_mask.sum() < b_off.loss_mask.sum()
@@ -257,7 +259,7 @@ def test_resumed_run_matches_uninterrupted(datasets, tmp_path):
   assert _params_equal(a.params, b.params) and _params_equal(a.opt_state, b.opt_state)
   # the twin: restarting the data at batch 0 after the resume gives other params
   c = cfg(6)
-  data = train.load_data(c)
+  data = registry.load(c)
   assert not np.array_equal(data.train_batch(3).inputs, data.train_batch(0).inputs)
 
 
@@ -308,7 +310,7 @@ def test_greedy_generate_matches_naive_loop():
 def test_evaluate_turns_counts_exact_matches(datasets):
   """A model forced to emit the reference answers scores 1.0; one that opens with a
   role tag scores on starts_with_role_tag."""
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  tok = Tokenizer.load_chat(datasets["chat"])
   split = shards.ShardSplit(datasets["chat"], "val", use_loss_mask=True)
   turns = [t for d in range(len(split)) for t in chat_eval.assistant_turns(split.doc(d)[0], tok)]
   assert turns and all(p[-1] == tok.role_id["assistant"] for p, _ in turns)

@@ -356,8 +356,8 @@ def test_gelu_exact_matches_erf_formula_and_its_gradient():
 
 
 # ---------------------------------------------------------------------------
-# After the merge with main (issues 4, 6, 8, 9): the speed paths with the decoder
-# options, z-loss inside the accumulated objective, packing per corpus.
+# The speed paths with the decoder options, z-loss inside the accumulated
+# objective, packing per corpus.
 
 _OPTIONS = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2,
                 tie_embeddings=True)
@@ -436,4 +436,4 @@ def test_packing_and_prefix_flags_per_corpus():
   with pytest.raises(ValueError, match="data.packing"):
     train.validate_config(c)
   c.data.packing = False
-  assert not train.keys_are_prefix(c)  # text rows may be packed (data.pack)
+  assert not train.keys_are_prefix(c)  # text rows may be packed (data.packing)
