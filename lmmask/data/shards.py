@@ -309,9 +309,11 @@ class ShardSplit:
   def num_tokens(self) -> int:
     return int(sum(t.size for t in self.tokens))
 
-  def doc(self, i: int):
-    """(tokens int64, mask uint8 or None) of document ``i``."""
-    s, start, n = (int(x) for x in self.index[i])
+  def doc(self, i: int, offset: int = 0, n: int | None = None):
+    """(tokens int64, mask uint8 or None) of document ``i``, or of its ``n`` tokens
+    from ``offset`` (a window: only those are read from the shard)."""
+    s, start, size = (int(x) for x in self.index[i])
+    start, n = start + offset, size - offset if n is None else n
     toks = np.asarray(self.tokens[s][start:start + n], dtype=np.int64)
     mask = None if self.masks is None else np.asarray(self.masks[s][start:start + n])
     return toks, mask

@@ -154,10 +154,8 @@ class TextSplit:
 
   def window(self, w: int):
     """(tokens, mask) of window `w`; the mask is all ones where the shards have none."""
-    d, start, n = (int(v) for v in self.windows[w])
-    toks, mask = self.shards.doc(d)
-    mask = np.ones(toks.shape, np.uint8) if mask is None else mask
-    return toks[start:start + n], mask[start:start + n]
+    toks, mask = self.shards.doc(*(int(v) for v in self.windows[w]))
+    return toks, np.ones(toks.shape, np.uint8) if mask is None else mask
 
   def row_arrays(self, rows):
     """ids, token loss mask and segment ids, each (len(rows), length)."""
