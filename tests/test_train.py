@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from lmmask import schedules, train
+from lmmask import optim as schedules, train
 from lmmask.batching import make_batch
 from lmmask.data import pipeline, verbs
 
