@@ -36,6 +36,7 @@ def results_extras(config, state, data, floor_monitor, results) -> dict:
 def entropy_floor(config, data) -> dict:
   """The floor of the training documents where affordable, else why not."""
   train = data.info.get("train") if isinstance(data.info, dict) else None
+  train = getattr(train, "shards", train)  # text: the windows' documents
   if train is None or not hasattr(train, "doc"):
     return {"entropy_floor": None, "entropy_floor_reason": "the corpus keeps no documents"}
   total = sum(int(n) for n in train.doc_lengths())

@@ -15,6 +15,9 @@ from lmmask import chat_eval, init_from, train
 from lmmask import checkpoint as ckpt
 from lmmask.data import prepare, shards, synthetic_chat
 from lmmask.model import Decoder, DecoderConfig
+from lmmask.data import registry
+from lmmask import step as step_lib
+from lmmask import workdir as wd
 
 
 def chat_config(arg):
@@ -139,9 +142,9 @@ def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path)
   base = datasets["base"]
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
   c.train.init_from = base
-  data = train.load_data(c)
+  data = registry.load(c)
   base_cfg = init_from.check_compatible(c, str(tmp_path / "sft"), data.vocab_size, data.info)
-  state = train.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
   state, base_step = init_from.restore_base_params(c, state, base_cfg, data.vocab_size)
   _, base_state = _restore(base)
   assert base_step == int(base_state.step) == 6
@@ -153,9 +156,9 @@ def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path)
   c.train.steps = 2
   res = train.train_and_evaluate(c, wd)
   assert res["step"] == 2
-  saved = ckpt.load_saved_config(wd)
+  saved = wd.load_config(wd)
   assert saved["train"]["init_from"] == base and saved["data"]["use_loss_mask"] is True
-  rec = json.load(open(os.path.join(wd, init_from.MODEL_FILE)))
+  rec = json.load(open(os.path.join(wd, wd.MODEL_FILE)))
   assert rec["init_from"] == {"workdir": os.path.abspath(base), "step": 6}
   assert rec["decoder"]["d_model"] == base_cfg["model"]["d_model"]
   assert rec["decoder"]["dropout"] == c.model.dropout  # training parameter from the SFT config
@@ -167,9 +170,9 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
   # The SFT tiny config and chat batches, jitted like the train loop: the compiled
   # step is the one the init_from tests already built (persistent cache).
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
-  data = train.load_data(c)
-  state = train.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
-  step = jax.jit(train.train_step, donate_argnums=0)
+  data = registry.load(c)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
+  step = jax.jit(step_lib.train_step, donate_argnums=0)
   good = data.train_batch(0)
   state, m1 = step(state, good)  # AdamW momentum is now non-zero
   assert float(m1["skipped_empty"]) == 0 and float(m1["loss"]) > 0
@@ -194,9 +197,9 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
 
 def _restore(workdir):
   from ml_collections import ConfigDict
-  config = ConfigDict(ckpt.load_saved_config(workdir))
+  config = ConfigDict(wd.load_config(workdir))
   meta = shards.read_meta(config.data.path)
-  state = train.create_train_state(config, jax.random.PRNGKey(0),
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
                                    vocab_size=meta["vocab_size"])
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -229,8 +232,8 @@ def test_init_from_other_tokenizer_refused(datasets, tmp_path):
 
 
 def test_use_loss_mask_switch(datasets):
-  on = train.load_data(chat_config(f"sft,tiny,data={datasets['chat']}"))
-  off = train.load_data(chat_config(f"sft,tiny,mask=false,data={datasets['chat']}"))
+  on = registry.load(chat_config(f"sft,tiny,data={datasets['chat']}"))
+  off = registry.load(chat_config(f"sft,tiny,mask=false,data={datasets['chat']}"))
   b_on, b_off = on.train_batch(3), off.train_batch(3)
   np.testing.assert_array_equal(b_on.inputs, b_off.inputs)  # same data order
   assert 0 < b_on.loss_mask.sum() < b_off.loss_mask.sum()
@@ -257,7 +260,7 @@ def test_resumed_run_matches_uninterrupted(datasets, tmp_path):
   assert _params_equal(a.params, b.params) and _params_equal(a.opt_state, b.opt_state)
   # the twin: restarting the data at batch 0 after the resume gives other params
   c = cfg(6)
-  data = train.load_data(c)
+  data = registry.load(c)
   assert not np.array_equal(data.train_batch(3).inputs, data.train_batch(0).inputs)
 
 
