@@ -1,4 +1,5 @@
 """The same decoder in PyTorch eager, for a fair speed reference (needs the `bench` extra).
+from lmmask import step as step_lib
 
   pip install -e ".[bench]"
   python benchmarks/torch_reference.py configs=default
@@ -117,7 +118,7 @@ class TorchRunner:
     torch.manual_seed(0)
     config = throughput.lm_config(spec, gelu_approximate=gelu_approximate, dtype="float32",
                                   attention="einsum")
-    state = train.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"])
+    state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"])
     self.model = TorchDecoder(spec, approximate=gelu_approximate)
     self.model.load_lmmask(state.params)
     o = config.optim

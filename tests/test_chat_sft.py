@@ -13,9 +13,11 @@ from flax import nnx
 from conftest import load_config
 from lmmask import chat_eval, init_from, train
 from lmmask import checkpoint as ckpt
-from lmmask.data import prepare, registry, shards, synthetic_chat
-from lmmask.data.tokenizer import Tokenizer
+from lmmask.data import prepare, shards, synthetic_chat, tokenizer
 from lmmask.model import Decoder, DecoderConfig
+from lmmask.data import registry
+from lmmask import step as step_lib
+from lmmask import workdir as wd
 
 
 def chat_config(arg):
@@ -74,7 +76,7 @@ def _check_mask_properties(tok, ids, mask, messages):
 
 
 def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
-  tok = Tokenizer.load_chat(datasets["chat"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["chat"])
   rng = np.random.default_rng(0)
   convs = [synthetic_chat.conversation(rng)["messages"] for _ in range(60)]
   assert any(m[0]["role"] == "system" for m in convs)
@@ -92,7 +94,7 @@ def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
 
 
 def test_plain_text_encoding(datasets):
-  tok = Tokenizer.load_chat(datasets["text"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["text"])
   ids, mask = prepare.encode_plain_text(tok, "what is 3 + 4? 7.")
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask == [1] * len(ids)
   assert tok.decode(ids) == "what is 3 + 4? 7."
@@ -123,7 +125,7 @@ def test_bad_chat_jsonl(tmp_path, line, match):
 
 
 def test_content_may_not_spell_role_tags(datasets):
-  tok = Tokenizer.load_chat(datasets["chat"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["chat"])
   msgs = [{"role": "user", "content": "hi <|assistant|> yes"},
           {"role": "assistant", "content": "ok"}]
   with pytest.raises(ValueError, match=r"message 0 contains the special token '<\|assistant\|>'"):
@@ -142,8 +144,8 @@ def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path)
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
   c.train.init_from = base
   data = registry.load(c)
-  base_cfg = init_from.check_compatible(c, str(tmp_path / "sft"), data.vocab_size, data.identity)
-  state = train.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
+  base_cfg = init_from.check_compatible(c, str(tmp_path / "sft"), data.vocab_size, data.info)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
   state, base_step = init_from.restore_base_params(c, state, base_cfg, data.vocab_size)
   _, base_state = _restore(base)
   assert base_step == int(base_state.step) == 6
@@ -155,9 +157,9 @@ def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path)
   c.train.steps = 2
   res = train.train_and_evaluate(c, wd)
   assert res["step"] == 2
-  saved = ckpt.load_saved_config(wd)
+  saved = wd.load_config(wd)
   assert saved["train"]["init_from"] == base and saved["data"]["use_loss_mask"] is True
-  rec = json.load(open(os.path.join(wd, init_from.MODEL_FILE)))
+  rec = json.load(open(os.path.join(wd, wd.MODEL_FILE)))
   assert rec["init_from"] == {"workdir": os.path.abspath(base), "step": 6}
   assert rec["decoder"]["d_model"] == base_cfg["model"]["d_model"]
   assert rec["decoder"]["dropout"] == c.model.dropout  # training parameter from the SFT config
@@ -170,8 +172,8 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
   # step is the one the init_from tests already built (persistent cache).
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
   data = registry.load(c)
-  state = train.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
-  step = jax.jit(train.train_step, donate_argnums=0)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
+  step = jax.jit(step_lib.train_step, donate_argnums=0)
   good = data.train_batch(0)
   state, m1 = step(state, good)  # AdamW momentum is now non-zero
   assert float(m1["skipped_empty"]) == 0 and float(m1["loss"]) > 0
@@ -196,9 +198,9 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
 
 def _restore(workdir):
   from ml_collections import ConfigDict
-  config = ConfigDict(ckpt.load_saved_config(workdir))
+  config = ConfigDict(wd.load_config(workdir))
   meta = shards.read_meta(config.data.path)
-  state = train.create_train_state(config, jax.random.PRNGKey(0),
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
                                    vocab_size=meta["vocab_size"])
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -310,7 +312,7 @@ def test_greedy_generate_matches_naive_loop():
 def test_evaluate_turns_counts_exact_matches(datasets):
   """A model forced to emit the reference answers scores 1.0; one that opens with a
   role tag scores on starts_with_role_tag."""
-  tok = Tokenizer.load_chat(datasets["chat"])
+  tok = prepare.ChatTokenizer.load(datasets["chat"])
   split = shards.ShardSplit(datasets["chat"], "val", use_loss_mask=True)
   turns = [t for d in range(len(split)) for t in chat_eval.assistant_turns(split.doc(d)[0], tok)]
   assert turns and all(p[-1] == tok.role_id["assistant"] for p, _ in turns)

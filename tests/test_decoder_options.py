@@ -10,6 +10,7 @@ from flax import nnx
 
 from lmmask import batching, losses, masks
 from lmmask import model as M
+from lmmask import step as step_lib
 
 V = 13  # tiny vocabulary; id 0 is padding
 
@@ -363,11 +364,11 @@ def test_train_step_reports_z_loss_apart():
   corpus = verbs.build_corpus()
   split = pipeline.pad_split(corpus.train, length=cfg.data.length, pad_id=0, pad_side="right")
   batch = pipeline.train_batch(split, step=0, batch_size=8, seed=0, pad_id=0)
-  state = train.create_train_state(cfg, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
-  ce = train.eval_step(state, batch)
-  logits = train._forward(state, state.params, batch, deterministic=True)
+  state = step_lib.create_train_state(cfg, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  ce = step_lib.eval_step(state, batch)
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
   z = losses.z_loss(logits, batch.loss_mask, coefficient=0.5)
-  step = jax.jit(train.train_step)
+  step = jax.jit(step_lib.train_step)
   _, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), float(ce["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["z_loss"]), float(z), rtol=1e-5)

@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO, tiny_config
 from lmmask import audit, evaluation, train
 from lmmask.data import verbs
+from lmmask import eval_verbs
+from lmmask import step as step_lib
 
 STEPS = 80  # the alarm must fire within this many steps without the causal mask
 
@@ -135,8 +137,8 @@ def test_planted_probe_and_pad_leak_twins(runs, monkeypatch):
 def test_length_buckets_add_up_to_the_val_loss(runs):
   _, corpus, _, val_split, state, _ = evaluation.load_state(runs[True][0])
   from lmmask.data import pipeline
-  whole = train.evaluate(state, pipeline.eval_batches(val_split, batch_size=64, pad_id=0))
-  buckets = evaluation.length_buckets(state, val_split, pad_id=0, batch_size=64)
+  whole = step_lib.evaluate(state, pipeline.eval_batches(val_split, batch_size=64, pad_id=0))
+  buckets = eval_verbs.length_buckets(state, val_split, pad_id=0, batch_size=64)
   assert sum(b["num_seqs"] for b in buckets.values()) == len(val_split)
   tokens = sum(b["num_tokens"] for b in buckets.values())
   assert tokens == whole["num_tokens"]
@@ -149,8 +151,8 @@ def test_inference_mode_loss_equals_teacher_forcing_only_when_causal(runs):
   for causal, (workdir, _) in runs.items():
     config, corpus, _, val_split, state, _ = evaluation.load_state(workdir)
     batches = pipeline.eval_batches(val_split, batch_size=64, pad_id=0)
-    tf = train.evaluate(state, batches)
-    inf = evaluation.prefix_recompute_eval(state, batches)
+    tf = step_lib.evaluate(state, batches)
+    inf = eval_verbs.prefix_recompute_eval(state, batches)
     assert inf["num_tokens"] == tf["num_tokens"]
     if causal:
       assert abs(inf["loss"] - tf["loss"]) < 1e-5
@@ -186,8 +188,8 @@ def test_exact_match_scoring_against_hand_counts(monkeypatch):
       toks[r, :len(ids)] = ids
     return decode.Generation(tokens=toks, lengths=None, prompt_ids=None, logits=None)
 
-  monkeypatch.setattr(evaluation.decode, "generate", fake_generate)
-  res = evaluation.exact_match(None, corpus, num_examples=5)
+  monkeypatch.setattr(decode, "generate", fake_generate)
+  res = eval_verbs.exact_match(None, corpus, num_examples=5)
   assert res["exact_match"] == pytest.approx(want_ok / len(forms))
   assert res["exact_match_regular"] == pytest.approx(want_reg / res["num_regular"])
   assert res["over_regularised"] == want_over > 0
@@ -233,9 +235,9 @@ def test_generate_text_from_checkpoint(runs):
 
 def test_exact_match_reverse_direction_runs(runs):
   _, corpus, _, _, state, _ = evaluation.load_state(runs[True][0])
-  res = evaluation.exact_match(state, corpus, direction="en_es", num_examples=3)
+  res = eval_verbs.exact_match(state, corpus, direction="en_es", num_examples=3)
   assert res["num_prompts"] == 60 and res["over_regularised"] is None
   assert res["rows"][0]["prompt"].endswith("/") and res["rows"][0]["prompt"].startswith("I ")
   assert res["rows"][0]["reference"].startswith("yo ")
   with pytest.raises(ValueError, match="direction"):
-    evaluation.exact_match(state, corpus, direction="fr_en")
+    eval_verbs.exact_match(state, corpus, direction="fr_en")

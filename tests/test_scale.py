@@ -10,6 +10,8 @@ from flax import nnx
 from lmmask import accumulate, losses, masks, packing, parallel
 from lmmask.batching import batch_from_ids, pad_sequences
 from lmmask.model import Decoder, DecoderConfig
+from lmmask import config as config_lib
+from lmmask import step as step_lib
 
 V = 23
 PAD = 0
@@ -457,12 +459,12 @@ def test_packing_and_prefix_flags_per_corpus():
 
   from lmmask import train
   c = tiny_config()
-  assert train.keys_are_prefix(c)
+  assert step_lib.keys_are_prefix(c)
   c.data.packing = True
-  assert not train.keys_are_prefix(c)
-  train.validate_config(c)  # verbs packing is fine
+  assert not step_lib.keys_are_prefix(c)
+  config_lib.validate(c)  # verbs packing is fine
   c.data.corpus = "text"
   with pytest.raises(ValueError, match="data.packing"):
-    train.validate_config(c)
+    config_lib.validate(c)
   c.data.packing = False
-  assert not train.keys_are_prefix(c)  # text rows may be packed (data.packing)
+  assert not step_lib.keys_are_prefix(c)  # text rows may be packed (data.packing)

@@ -12,6 +12,7 @@ from conftest import load_config
 from lmmask import batching
 from lmmask.data import shards
 from lmmask.data import text as T
+from lmmask import evaluation
 from lmmask.data import tokenizer as K
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,7 +239,7 @@ def test_text_training_end_to_end(tmp_path, packing):
   z = [r["z_loss"] for r in rows if r["kind"] == "train"]
   assert z and all(0 < v < 0.1 for v in z)  # its own metric, not folded into "loss"
   # The val loss from a fresh load of the same shards matches the run's.
-  ev = train.evaluate_checkpoint(wd)
+  ev = evaluation.evaluate_checkpoint(wd)
   assert ev["val_loss"] == pytest.approx(res["val_loss"], rel=1e-5)
   # The text changed under the workdir: refused, nothing rewritten.
   write_corpus(tmp_path / "corpus.txt", generated_docs(60, seed=1))

@@ -31,6 +31,10 @@ import numpy as np  # noqa: E402
 from lmmask import audit, evaluation, train  # noqa: E402
 from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask.data import pipeline  # noqa: E402
+from lmmask import eval_verbs
+from lmmask import step as step_lib
+from lmmask.data import verbs_source
+from lmmask import workdir as wd
 
 RUNS = {"causal": "", "no_causal": "causal=false"}  # name -> configs/verbs.py argument
 LOG_EVERY, EVAL_EVERY = 1, 10  # resumable fields: fine-grained curves near the start
@@ -82,7 +86,7 @@ def val_loss_by_seen_target(state, corpus, val_split, batch_size):
     seen[list(e.ids)] = True
   sums = {True: [0.0, 0], False: [0.0, 0]}
   for b in pipeline.eval_batches(val_split, batch_size=batch_size, pad_id=corpus.vocab.pad_id):
-    logits = train._forward(state, state.params, b, deterministic=True)
+    logits = step_lib.forward(state, state.params, b, deterministic=True)
     nll = np.asarray(losses.per_token_nll(logits, b.targets, b.loss_mask)[0])
     mask = np.asarray(b.loss_mask) > 0
     tgt_seen = seen[np.asarray(b.targets)]
@@ -99,21 +103,21 @@ def evaluate_run(name, workdir, config):
   pad, bs = corpus.vocab.pad_id, config.data.eval_batch_size
   out = {"step": step}
   sets = train.build_eval_sets(config, train_split, val_split, pad)
-  out.update(train.run_evals(state, sets))
+  out.update(step_lib.run_evals(state, sets))
   for split_name, split in (("train", train_split), ("val", val_split)):
-    inf = evaluation.prefix_recompute_eval(
+    inf = eval_verbs.prefix_recompute_eval(
         state, pipeline.eval_batches(split, batch_size=bs, pad_id=pad))
     out.update({f"{split_name}_inference_loss": inf["loss"],
                 f"{split_name}_inference_ppl": inf["ppl"],
                 f"{split_name}_inference_accuracy": inf["accuracy"]})
   out["val_by_seen_target"] = val_loss_by_seen_target(state, corpus, val_split, bs)
-  greedy = evaluation.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
+  greedy = eval_verbs.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
                                   num_examples=12)
   out["greedy"] = {k: v for k, v in greedy.items() if k != "rows"}
   out["greedy_collapse"] = collapse_stats(greedy["rows"], corpus.vocab)
   sampled = []
   for s in SAMPLE_SEEDS:
-    em = evaluation.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
+    em = eval_verbs.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
                                 num_examples=6, temperature=SAMPLE_TEMPERATURE,
                                 rng=jax.random.PRNGKey(s))
     sampled.append(em)
@@ -122,8 +126,8 @@ def evaluate_run(name, workdir, config):
   out["sampled_collapse"] = collapse_stats(sampled[0]["rows"], corpus.vocab)
   # the best-by-val-loss checkpoint (kept by train.py), for comparison with the final one
   _, _, _, _, best, best_step = evaluation.load_state(workdir, None, "best")
-  bev = train.evaluate(best, sets["val"])
-  bem = evaluation.exact_match(best, corpus, max_new_tokens=config.eval.max_new_tokens,
+  bev = step_lib.evaluate(best, sets["val"])
+  bem = eval_verbs.exact_match(best, corpus, max_new_tokens=config.eval.max_new_tokens,
                                num_examples=0)
   out["best"] = {"step": best_step, "val_loss": bev["loss"], "val_ppl": bev["ppl"],
                  "exact_match": bem["exact_match"],
@@ -408,11 +412,11 @@ def main():
     r["min_batch_loss"] = min(by_step.values())
     r["first_batch_below_1e-4"] = first_step_below(m["train"], "loss", 1e-4)
     runs[name] = r
-  corpus = train.load_verb_data(configs["causal"])[0]
+  corpus = verbs_source.splits(configs["causal"])[0]
   from lmmask import ngram
   summary = {
       "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "git_commit": train.provenance()["git_commit"], "device": jax.devices()[0].device_kind,
+      "git_commit": wd.provenance()["git_commit"], "device": jax.devices()[0].device_kind,
       "root": root, "seed": configs["causal"].seed, "steps": configs["causal"].train.steps,
       "num_params": runs["causal"]["num_params"],
       "entropy_floor": floor, "log_vocab": math.log(len(corpus.vocab)),
@@ -428,7 +432,7 @@ def main():
   summary["wall_seconds"] = time.time() - t0
   summary["reading"] = reading(summary)
   write_report(summary, os.path.join(HERE, "REPORT.md"))
-  ckpt.atomic_write_json(os.path.join(HERE, "results.json"), summary)
+  wd.atomic_write_json(os.path.join(HERE, "results.json"), summary)
   print(f"wrote {os.path.join(HERE, 'REPORT.md')}")
   c, b = runs["causal"], runs["no_causal"]
   print(f"floor {floor:.4f} | causal train {c['train_loss']:.4f} val {c['val_loss']:.4f} "

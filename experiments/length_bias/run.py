@@ -23,15 +23,18 @@ from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask import losses, sweep, train  # noqa: E402
 from lmmask.batching import batch_from_ids  # noqa: E402
 from lmmask.data import pipeline, verbs  # noqa: E402
+from lmmask import step as step_lib
+from lmmask.data import verbs_source
+from lmmask import workdir as wd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REDS = ("token_mean", "seq_mean", "seq_mean_of_means")
 
 
 def restore_state(point_dir):
-  config = ConfigDict(ckpt.load_saved_config(point_dir))
-  corpus, _, _ = train.load_verb_data(config)
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+  config = ConfigDict(wd.load_config(point_dir))
+  corpus, _, _ = verbs_source.splits(config)
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=len(corpus.vocab))
   mngr = ckpt.manager(point_dir, ckpt.CKPT_DIR, config.train.keep_checkpoints, create=False)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -44,7 +47,7 @@ def per_example_nll(state, config, corpus, examples):
   split = pipeline.pad_split(examples, length=config.data.length,
                                    pad_id=corpus.vocab.pad_id, pad_side=config.data.pad_side)
   batch = batch_from_ids(split.ids, pad_id=corpus.vocab.pad_id)
-  logits = train._forward(state, state.params, batch, deterministic=True)
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
   nll, _, mask = losses.per_token_nll(logits, batch.targets, batch.loss_mask)
   return np.asarray(nll.sum(1)), np.asarray(mask.sum(1))
 

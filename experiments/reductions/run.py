@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 
 from lmmask import losses, sweep, train  # noqa: E402
 from lmmask.data import pipeline  # noqa: E402
+from lmmask import step as step_lib
+from lmmask.data import verbs_source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REDUCTIONS = losses.REDUCTIONS
@@ -95,12 +97,12 @@ def plot_collapse(arm, curves, ratios):
 def grad_norm_ratios(n_batches=8):
   """Gradient global norm of each reduction / that of token_mean, same params and batch."""
   base = sweep.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {})
-  corpus, tr, _ = train.load_verb_data(base)
-  state = train.create_train_state(base, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  corpus, tr, _ = verbs_source.splits(base)
+  state = step_lib.create_train_state(base, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
 
   def gnorm(params, batch, reduction):
     def f(p):
-      logits = train._forward(state, p, batch, deterministic=True)
+      logits = step_lib.forward(state, p, batch, deterministic=True)
       return losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
                                          reduction=reduction)[0]
     g = jax.grad(f)(params)

@@ -26,16 +26,13 @@ class TokenizerLike(Protocol):
 
 @dataclasses.dataclass
 class DataSource:
+  name: str                             # the corpus key: "verbs" | "text" | "shards"
   vocab_size: int                       # the model's vocabulary size
   pad_id: int                           # filler id (masks never depend on it for text)
   train_batch: Callable[[int], Batch]   # step -> the batch of that step (pure in step)
   eval_sets: Callable[[], dict]         # () -> {name: [Batch, ...]}, each covered once
-  # Every corpus's `source` sets the fields below. They have defaults only because
-  # train.load_data still builds a verbs DataSource of its own; drop them once the
-  # train loop calls registry.load.
-  name: str = ""                        # the corpus key: "verbs" | "text" | "shards"
-  tokenizer: TokenizerLike | None = None  # text <-> ids for prompts and samples
-  identity: dict | None = None          # JSON-able; model.json's "data" (init_from compares
+  tokenizer: TokenizerLike              # text <-> ids for prompts and samples
+  identity: dict                        # JSON-able; model.json's "data" (init_from compares
                                         # its tokenizer_sha256)
   info: Any = None                      # the corpus object: VerbCorpus for verbs; a dict
                                         # of splits/loaders (and more) for text and shards
