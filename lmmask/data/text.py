@@ -254,8 +254,3 @@ def source(config, workdir: str | None) -> DataSource:
   return DataSource(name="text", vocab_size=tok.vocab_size, pad_id=tok.pad_id,
                     train_batch=train_batch, eval_sets=eval_sets, tokenizer=tok,
                     identity=identity, info=info)
-
-
-def load_text_data(config, workdir: str) -> DataSource:
-  """Transitional: today's train.load_data calls this; use registry.load instead."""
-  return source(config, workdir)
