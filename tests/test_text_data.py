@@ -240,7 +240,7 @@ def test_text_training_end_to_end(tmp_path):
 
 def test_text_config_sizes_match():
   from lmmask import model as M
-  from lmmask.train import decoder_config
+  from lmmask.config import decoder_config
   spec = importlib.util.spec_from_file_location("text_config",
                                                 os.path.join(REPO, "configs", "text.py"))
   mod = importlib.util.module_from_spec(spec)
