@@ -427,15 +427,16 @@ def test_z_loss_inside_accumulated_objective():
 
 def test_packing_and_prefix_flags_per_corpus():
   from conftest import tiny_config
-
-  from lmmask import train
   c = tiny_config()
   assert step_lib.keys_are_prefix(c)
   c.data.packing = True
   assert not step_lib.keys_are_prefix(c)
   config_lib.validate(c)  # verbs packing is fine
   c.data.corpus = "text"
+  config_lib.validate(c)  # text packs its windows with the same knob
+  c.data.corpus = "shards"
   with pytest.raises(ValueError, match="data.packing"):
-    config_lib.validate(c)
+    config_lib.validate(c)  # one whole conversation per row
+  c.data.corpus = "text"
   c.data.packing = False
-  assert not step_lib.keys_are_prefix(c)  # text rows may be packed (data.pack)
+  assert not step_lib.keys_are_prefix(c)  # text rows are windows, never a promise
