@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import load_config
 from lmmask import eval_chat, train
 from lmmask import checkpoint as ckpt
-from lmmask.data import prepare, shards, synthetic_chat
+from lmmask.data import prepare, shards, synthetic_chat, tokenizer
 from lmmask.model import Decoder, DecoderConfig
 from lmmask.data import registry
 from lmmask import step as step_lib
@@ -61,7 +61,8 @@ def _reference_mask(ids, tok):
 
 
 def _mask_with_opening_tag(tok, messages):
-  """Planted bug (seed 004): the opening <|assistant|> tag is counted too."""
+  """Planted bug: the opening <|assistant|> tag is counted too (the model then learns
+  to emit role tags itself)."""
   ids, mask = prepare.encode_conversation(tok, messages)
   return ids, [1 if t == tok.role_id["assistant"] else m for t, m in zip(ids, mask)]
 
@@ -75,7 +76,7 @@ def _check_mask_properties(tok, ids, mask, messages):
 
 
 def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["chat"])
   rng = np.random.default_rng(0)
   convs = [synthetic_chat.conversation(rng)["messages"] for _ in range(60)]
   assert any(m[0]["role"] == "system" for m in convs)
@@ -93,7 +94,7 @@ def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
 
 
 def test_plain_text_encoding(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["text"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["text"])
   ids, mask = prepare.encode_plain_text(tok, "what is 3 + 4? 7.")
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask == [1] * len(ids)
   assert tok.decode(ids) == "what is 3 + 4? 7."
@@ -124,7 +125,7 @@ def test_bad_chat_jsonl(tmp_path, line, match):
 
 
 def test_content_may_not_spell_role_tags(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["chat"])
   msgs = [{"role": "user", "content": "hi <|assistant|> yes"},
           {"role": "assistant", "content": "ok"}]
   with pytest.raises(ValueError, match=r"message 0 contains the special token '<\|assistant\|>'"):

@@ -7,9 +7,10 @@ Input, one JSON object per line:
 Tokenizer: the byte-level BPE of lmmask/data/tokenizer.py trained on the
 training text (never downloaded), saved as ``tokenizer.json`` next to the shards
 (the one shard format, lmmask/data/shards.py). Its special tokens have fixed
-ids: ``<pad>=0 <bos>=1 <eos>=2 <|system|>=3 <|user|>=4 <|assistant|>=5 <|end|>=6``. Each message's content is encoded on its
-own (no BPE merge crosses a turn), and content that spells a special token is
-refused, so a role tag can only come from the structure of the conversation.
+ids: ``<pad>=0 <bos>=1 <eos>=2 <|system|>=3 <|user|>=4 <|assistant|>=5 <|end|>=6``.
+Each message's content is encoded on its own (no BPE merge crosses a turn), and
+content that spells a special token is refused, so a role tag can only come
+from the structure of the conversation.
 
 A conversation becomes::
 

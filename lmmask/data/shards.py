@@ -309,9 +309,11 @@ class ShardSplit:
   def num_tokens(self) -> int:
     return int(sum(t.size for t in self.tokens))
 
-  def doc(self, i: int):
-    """(tokens int64, mask uint8 or None) of document ``i``."""
-    s, start, n = (int(x) for x in self.index[i])
+  def doc(self, i: int, offset: int = 0, n: int | None = None):
+    """(tokens int64, mask uint8 or None) of document ``i``, or of its ``n`` tokens
+    from ``offset`` (a window: only those are read from the shard)."""
+    s, start, size = (int(x) for x in self.index[i])
+    start, n = start + offset, size - offset if n is None else n
     toks = np.asarray(self.tokens[s][start:start + n], dtype=np.int64)
     mask = None if self.masks is None else np.asarray(self.masks[s][start:start + n])
     return toks, mask
@@ -438,8 +440,3 @@ def source(config, workdir: str | None = None) -> DataSource:
   return DataSource(name="shards", vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
                     train_batch=train_loader.batch, eval_sets=eval_sets, tokenizer=tok,
                     identity=identity, info=info)
-
-
-def data_source(config) -> DataSource:
-  """Transitional: today's train.load_data calls this; use registry.load instead."""
-  return source(config)

@@ -154,10 +154,8 @@ class TextSplit:
 
   def window(self, w: int):
     """(tokens, mask) of window `w`; the mask is all ones where the shards have none."""
-    d, start, n = (int(v) for v in self.windows[w])
-    toks, mask = self.shards.doc(d)
-    mask = np.ones(toks.shape, np.uint8) if mask is None else mask
-    return toks[start:start + n], mask[start:start + n]
+    toks, mask = self.shards.doc(*(int(v) for v in self.windows[w]))
+    return toks, np.ones(toks.shape, np.uint8) if mask is None else mask
 
   def row_arrays(self, rows):
     """ids, token loss mask and segment ids, each (len(rows), length)."""
@@ -256,8 +254,3 @@ def source(config, workdir: str | None) -> DataSource:
   return DataSource(name="text", vocab_size=tok.vocab_size, pad_id=tok.pad_id,
                     train_batch=train_batch, eval_sets=eval_sets, tokenizer=tok,
                     identity=identity, info=info)
-
-
-def load_text_data(config, workdir: str) -> DataSource:
-  """Transitional: today's train.load_data calls this; use registry.load instead."""
-  return source(config, workdir)
