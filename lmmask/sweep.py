@@ -38,8 +38,8 @@ import re
 import shlex
 
 from lmmask import config as config_lib
-from lmmask import workdir as wd
 from lmmask import report, seedvmap, train
+from lmmask import workdir as wd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = "sweep.json"

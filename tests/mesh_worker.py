@@ -15,8 +15,8 @@ from conftest import tiny_config  # noqa: E402  (sets the shared compilation cac
 
 from lmmask import accumulate, parallel, train  # noqa: E402
 from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
 from lmmask import step as step_lib
+from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
 
 V, PAD, B, L = 40, 0, 32, 14
 

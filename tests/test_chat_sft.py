@@ -8,16 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-
 from conftest import load_config
-from lmmask import eval_chat, train
+
 from lmmask import checkpoint as ckpt
-from lmmask.data import prepare, shards, synthetic_chat, tokenizer
-from lmmask.model import Decoder, DecoderConfig
-from lmmask.data import registry
+from lmmask import eval_chat, train
 from lmmask import step as step_lib
 from lmmask import workdir as workdir_lib
+from lmmask.data import prepare, registry, shards, synthetic_chat, tokenizer
 
 
 def chat_config(arg):

@@ -359,7 +359,7 @@ def test_train_step_reports_z_loss_apart():
   in the gradient (the same step without it has another gradient norm)."""
   import jax
   from conftest import tiny_config
-  from lmmask import train
+
   from lmmask.data import pipeline, verbs
   cfg = tiny_config(**{"model.dropout": 0.0, "loss.z_loss": 0.5})
   corpus = verbs.build_corpus()

@@ -7,14 +7,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, tiny_config
-from lmmask import audit, evaluation, train
-from lmmask.data import verbs
-from lmmask import eval_verbs
+
+from lmmask import audit, eval_verbs, evaluation, train
 from lmmask import step as step_lib
 from lmmask import workdir as workdir_lib
-from lmmask.data import verbs_source
+from lmmask.data import verbs, verbs_source
 
 STEPS = 80  # the alarm must fire within this many steps without the causal mask
 

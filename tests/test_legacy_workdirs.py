@@ -3,6 +3,7 @@ import json
 import os
 
 from conftest import copy_legacy, pinned_config  # noqa: F401
+
 from lmmask import evaluation, train
 from lmmask import workdir as workdir_lib
 
