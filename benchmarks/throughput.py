@@ -1,5 +1,4 @@
 """Training throughput of lmmask's jitted train_step; prints one JSON object per config.
-from lmmask import step as step_lib
 
   python benchmarks/throughput.py                     # default and small, padded
   python benchmarks/throughput.py configs=default packing=1
@@ -128,6 +127,7 @@ class JaxRunner:
   """Compiled lmmask train_step plus its batches; `measure(steps)` -> seconds/step list."""
 
   def __init__(self, spec, batches, compiler_options=None, **cfg_kw):
+    from lmmask import step as step_lib
     from lmmask import train
     from lmmask.model import count_params
     self.spec, self.batches = spec, [jax.device_put(b) for b in batches]

@@ -1,5 +1,4 @@
 """The same decoder in PyTorch eager, for a fair speed reference (needs the `bench` extra).
-from lmmask import step as step_lib
 
   pip install -e ".[bench]"
   python benchmarks/torch_reference.py configs=default
@@ -113,6 +112,7 @@ class TorchRunner:
 
   def __init__(self, spec, batches, *, gelu_approximate=False, threads=None, optim=None):
     import jax
+    from lmmask import step as step_lib
     from lmmask import train
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(0)

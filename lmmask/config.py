@@ -229,19 +229,25 @@ def to_dict(config) -> dict:
 
 
 def apply_overrides(config, overrides: dict):
-  """Set dotted-key overrides in place; an unknown key is an error naming it."""
+  """Set dotted keys in a copy of `config`; every key must already exist."""
+  config = config.copy_and_resolve_references()
   for key, value in overrides.items():
-    node = config
-    parts = key.split(".")
-    for p in parts[:-1]:
-      if p not in node:
-        raise KeyError(f"override {key}: the config has no section {p!r}")
-      node = node[p]
-    if parts[-1] not in node:
-      raise KeyError(f"override {key}: the config has no field {parts[-1]!r}")
-    node[parts[-1]] = value
+    node, parts = config, key.split(".")
+    for i, p in enumerate(parts):
+      if not hasattr(node, "keys") or p not in node:
+        where = ".".join(parts[:i]) or "the config"
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        raise ValueError(f"override {key!r}: {where} has no field {p!r}; valid: {valid}")
+      if i < len(parts) - 1:
+        node = node[p]
+    if hasattr(node[parts[-1]], "keys"):
+      raise ValueError(f"override {key!r} names a section, not a field; "
+                       f"override its fields, e.g. {key}.{sorted(node[parts[-1]].keys())[0]}")
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"override {key}={value!r} has the wrong type: {e}") from None
   return config
-
 
 _BOOL = {"true": True, "false": False, "1": True, "0": False}
 

@@ -21,12 +21,12 @@ from lmmask import decode
 
 
 def is_chat(tok) -> bool:
-  return getattr(tok, "role_id", None) is not None
+  return bool(getattr(tok, "role_id", None))
 
 
 def chat_prompt(tok, text: str) -> list[int]:
   """`text` as one user turn, then the opening assistant tag (the model's cue)."""
-  return [tok.bos_id, tok.role_id["user"], *tok.encode(text), tok.end_id,
+  return [tok.bos_id, tok.role_id["user"], *tok.encode_text(text, "the prompt"), tok.end_id,
           tok.role_id["assistant"]]
 
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmmask import decode, floor as floor_lib, losses, ngram
+from lmmask import decode, losses, ngram
+from lmmask import floor as floor_lib
 from lmmask import step as step_lib
 from lmmask.data import pipeline, verbs
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import jax
 
-from lmmask import decode, eval_chat, eval_text, eval_verbs, floor as floor_lib
+from lmmask import decode, eval_chat, eval_text, eval_verbs
+from lmmask import floor as floor_lib
 from lmmask import step as step_lib
 from lmmask import workdir as wd
 

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-
 from typing import NamedTuple
 
 import jax
@@ -40,7 +39,6 @@ from lmmask import step as step_lib
 from lmmask import workdir as wd
 from lmmask.data import registry
 from lmmask.model import count_params
-
 
 VARYING = ("seed", "optim.lr")  # the fields that may differ within a group
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from lmmask import checkpoint as ckpt
 from lmmask import config as config_lib
-from lmmask import evaluation, floor as floor_lib, parallel, preempt
+from lmmask import evaluation, parallel, preempt
+from lmmask import floor as floor_lib
 from lmmask import step as step_lib
 from lmmask import workdir as wd
 from lmmask.data import registry

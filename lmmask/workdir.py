@@ -27,7 +27,8 @@ from ml_collections import ConfigDict
 
 from lmmask import checkpoint as ckpt
 from lmmask import config as config_lib
-from lmmask import parallel, step as step_lib
+from lmmask import parallel
+from lmmask import step as step_lib
 from lmmask.data import registry
 
 CONFIG_FILE = "config.json"

@@ -1,6 +1,7 @@
 """Run by tests/test_mesh.py in a subprocess with 8 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8). Prints one JSON line of
 measured differences; the test decides pass/fail."""
+import dataclasses
 import json
 import os
 import sys
@@ -14,8 +15,8 @@ from conftest import tiny_config  # noqa: E402  (sets the shared compilation cac
 
 from lmmask import accumulate, parallel, train  # noqa: E402
 from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
 from lmmask import step as step_lib
+from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
 
 V, PAD, B, L = 40, 0, 32, 14
 
@@ -51,7 +52,7 @@ def main():
     def f(state, b):
       logits_fn = lambda p, mb, r: step_lib.forward(state, p, mb, deterministic=True)  # noqa
       loss, g, m = accumulate.loss_and_grads(logits_fn, state.params, b,
-                                             reduction=state.reduction, steps=steps)
+                                             reduction=state.options.reduction, steps=steps)
       return loss, g
     return f
 
@@ -71,7 +72,7 @@ def main():
 
   # End to end: train_step on a 4 x 2 mesh with 4 accumulated micro-batches.
   mesh = parallel.make_mesh(4, 2)
-  st4 = base.replace(grad_accum_steps=4)
+  st4 = base.replace(options=dataclasses.replace(base.options, grad_accum_steps=4))
   step = parallel.jit_train_step(step_lib.train_step, st4, mesh)
   new, m = step(parallel.shard_state(st4, mesh), parallel.put_batch(batch, mesh, B))
   out["step"] = {"loss_rel": abs(float(m["loss"]) - float(ref_m["loss"])) / float(ref_m["loss"]),

@@ -22,14 +22,12 @@ import pytest
 from conftest import REPO, tiny_config
 from ml_collections import ConfigDict
 
-from lmmask import batching
+from lmmask import batching, evaluation, train
 from lmmask import checkpoint as ckpt
-from lmmask import train
-from lmmask.data import pipeline, verbs
 from lmmask import config as config_lib
-from lmmask import evaluation
 from lmmask import step as step_lib
-from lmmask import workdir as wd
+from lmmask import workdir as workdir_lib
+from lmmask.data import pipeline, verbs
 
 
 class LaunchExit(Exception):
@@ -103,7 +101,7 @@ def _other_shape(ctx):
 def _eval_no_ckpt(ctx):
   wd = ctx.new
   os.makedirs(wd)
-  wd.atomic_write_json(os.path.join(wd, wd.CONFIG_FILE), config_lib.to_dict(tiny_config()))
+  workdir_lib.atomic_write_json(os.path.join(wd, workdir_lib.CONFIG_FILE), config_lib.to_dict(tiny_config()))
   return lambda: evaluation.evaluate_checkpoint(wd)
 
 
@@ -114,7 +112,7 @@ def _eval_empty_dir(ctx):
 
 def _ckpts_without_config(ctx):
   wd = ctx.copy_run()
-  os.remove(os.path.join(wd, wd.CONFIG_FILE))
+  os.remove(os.path.join(wd, workdir_lib.CONFIG_FILE))
   return lambda: train.train_and_evaluate(tiny_config(), wd)
 
 
@@ -193,7 +191,7 @@ CASES = [
                              "--config.train.steps=abc")),
     Case("config_variant_typo", LaunchExit, ("unknown variant 'splt'", "split"),
          lambda ctx: _launch("--config=configs/verbs.py:splt=tense", f"--workdir={ctx.new}")),
-    Case("wrong_type_assignment", TypeError, ("'lr'", "cannot be casted", "float"),
+    Case("wrong_type_assignment", ValueError, ("'lr'", "cannot be casted", "float"),
          lambda ctx: lambda: tiny_config(**{"optim.lr": "fast"})),
     Case("wrong_type_in_config_file", ValueError,
          ("config.data.batch_size", "must be a positive int", "'32'"),
@@ -352,5 +350,5 @@ def test_disk_full_during_save_keeps_previous(tmp_path, monkeypatch):
   monkeypatch.setattr(handler, "_save_fn", real)
   results = train.train_and_evaluate(config, wd)
   assert results["step"] == 20 and sorted(os.listdir(ckdir)) == ["20"]
-  with open(os.path.join(wd, wd.CONFIG_FILE)) as f:
+  with open(os.path.join(wd, workdir_lib.CONFIG_FILE)) as f:
     assert json.load(f)["train"]["keep_checkpoints"] == 1

@@ -8,7 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lmmask import config as config_lib
-from lmmask import workdir as wd
+from lmmask import workdir as workdir_lib
 from lmmask.model import DecoderConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,8 +127,8 @@ class _Data:
 def _base_workdir(tmp_path, config, vocab_size=40):
   base = tmp_path / "base"
   base.mkdir()
-  wd.atomic_write_json(str(base / wd.CONFIG_FILE), config_lib.to_dict(config))
-  wd.atomic_write_json(str(base / wd.MODEL_FILE), wd.model_record(config, _Data(vocab_size)))
+  workdir_lib.atomic_write_json(str(base / workdir_lib.CONFIG_FILE), config_lib.to_dict(config))
+  workdir_lib.atomic_write_json(str(base / workdir_lib.MODEL_FILE), workdir_lib.model_record(config, _Data(vocab_size)))
   return str(base)
 
 
@@ -148,7 +148,7 @@ def test_init_from_refuses_every_architecture_field(tmp_path, field):
   new.train.init_from = base
   new.model[field] = _changed(new.model[field])
   with pytest.raises(ValueError, match=f"model.{field}"):
-    wd.check_init_from(new, str(tmp_path / "new"), _Data(40))
+    workdir_lib.check_init_from(new, str(tmp_path / "new"), _Data(40))
 
 
 def test_init_from_accepts_training_knobs_and_checks_vocab_and_tokenizer(tmp_path):
@@ -160,8 +160,8 @@ def test_init_from_accepts_training_knobs_and_checks_vocab_and_tokenizer(tmp_pat
   new.model.dropout = 0.0  # the chat pre-train (0.1) -> SFT (0.0) flow
   new.model.remat = True
   new.model.attention = "xla"
-  assert wd.check_init_from(new, str(tmp_path / "new"), _Data(40)).model.dropout == 0.1
+  assert workdir_lib.check_init_from(new, str(tmp_path / "new"), _Data(40)).model.dropout == 0.1
   with pytest.raises(ValueError, match="vocab_size"):
-    wd.check_init_from(new, str(tmp_path / "new"), _Data(41))
+    workdir_lib.check_init_from(new, str(tmp_path / "new"), _Data(41))
   with pytest.raises(ValueError, match="tokenizer"):
-    wd.check_init_from(new, str(tmp_path / "new"), _Data(40, sha="other"))
+    workdir_lib.check_init_from(new, str(tmp_path / "new"), _Data(40, sha="other"))

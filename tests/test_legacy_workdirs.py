@@ -3,8 +3,9 @@ import json
 import os
 
 from conftest import copy_legacy, pinned_config  # noqa: F401
+
 from lmmask import evaluation, train
-from lmmask import workdir as wd
+from lmmask import workdir as workdir_lib
 
 
 def _saved_results(workdir):
@@ -25,7 +26,7 @@ def test_legacy_workdirs_resume(tmp_path):
   root = copy_legacy(tmp_path / "legacy")
   for name, more in (("verbs", 4), ("text", 2), ("chat_sft", 2)):
     workdir = os.path.join(root, name)
-    config = wd.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     config.train.steps += more
     config.train.progress_bar = False
     results = train.train_and_evaluate(config, workdir)

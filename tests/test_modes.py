@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 PROMPTS = {"verbs": "yo como /", "text": "This License", "chat": "Conjugate comer."}

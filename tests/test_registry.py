@@ -9,9 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import load_config
 from ml_collections import ConfigDict
 
-from conftest import load_config
 from lmmask.data import prepare, registry, shards, text, tokenizer
 from lmmask.data.source import DataSource
 from lmmask.data.verbs import VerbCorpus

@@ -20,8 +20,9 @@ import pytest
 from conftest import REPO, tiny_config
 
 from lmmask import checkpoint as ckpt
-from lmmask import preempt, train
-from lmmask.data import pipeline, verbs
+from lmmask import evaluation, preempt, train
+from lmmask import step as step_lib
+from lmmask.data import pipeline, verbs, verbs_source
 
 
 def _params_at(workdir, step=None, config=None):
@@ -229,9 +230,6 @@ def test_sigint_finishes_step_saves_and_resumes_exactly(tiny_run, tmp_path, monk
 _WRAPPER = """
 import os, runpy, sys, time
 from lmmask.data import pipeline
-from lmmask import evaluation
-from lmmask import step as step_lib
-from lmmask.data import verbs_source
 _real, _pause = pipeline.train_batch, float(os.environ["LMMASK_TEST_STEP_SLEEP"])
 def _slow(*args, **kwargs):
   time.sleep(_pause)

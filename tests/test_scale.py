@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from lmmask import accumulate, losses, masks, packing, parallel
-from lmmask.batching import batch_from_ids, pad_sequences
-from lmmask.model import Decoder, DecoderConfig
 from lmmask import config as config_lib
 from lmmask import step as step_lib
+from lmmask.batching import batch_from_ids, pad_sequences
+from lmmask.model import Decoder, DecoderConfig
 
 V = 23
 PAD = 0
@@ -374,8 +374,9 @@ def test_distributed_config_errors():
 
 
 def test_gelu_exact_matches_erf_formula_and_its_gradient():
-  from lmmask.model import gelu_exact
   import math
+
+  from lmmask.model import gelu_exact
   x = np.linspace(-8, 8, 801).astype(np.float32)
   ref = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
   dref = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)

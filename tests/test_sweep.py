@@ -9,9 +9,8 @@ import sys
 import pytest
 from ml_collections import config_dict
 
-from lmmask import checkpoint as ckpt
-from lmmask import sweep
 from lmmask import config as config_lib
+from lmmask import sweep
 from tests.conftest import REPO, tiny_config
 
 CACHE = os.environ["LMMASK_TEST_JAX_CACHE"]

@@ -7,12 +7,11 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import load_config
-from lmmask import batching
+
+from lmmask import batching, evaluation
 from lmmask.data import shards
 from lmmask.data import text as T
-from lmmask import evaluation
 from lmmask.data import tokenizer as K
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

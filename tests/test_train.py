@@ -7,15 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, tiny_config
-from lmmask import train
+
+from lmmask import config as config_lib
+from lmmask import evaluation, optim, train
+from lmmask import step as step_lib
 from lmmask.batching import make_batch
 from lmmask.data import pipeline, verbs
-from lmmask import config as config_lib
-from lmmask import evaluation
-from lmmask import optim
-from lmmask import step as step_lib
 
 
 def small_state(config=None, vocab_size=None):
@@ -193,7 +191,6 @@ def test_launch_train_then_eval_end_to_end(tmp_path):
 def test_fields_added_later_match_their_absent_meaning():
   """A workdir saved before a field existed resumes when the new field keeps the old
   behaviour, and is refused when it changes it."""
-  from lmmask import checkpoint as ckpt
   new = config_lib.to_dict(tiny_config())
   old = json.loads(json.dumps(new))
   del old["model"]["norm"], old["loss"]["z_loss"]

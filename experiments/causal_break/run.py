@@ -34,7 +34,7 @@ from lmmask.data import pipeline  # noqa: E402
 from lmmask import eval_verbs
 from lmmask import step as step_lib
 from lmmask.data import verbs_source
-from lmmask import workdir as wd
+from lmmask import workdir as workdir_lib
 
 RUNS = {"causal": "", "no_causal": "causal=false"}  # name -> configs/verbs.py argument
 LOG_EVERY, EVAL_EVERY = 1, 10  # resumable fields: fine-grained curves near the start
@@ -416,7 +416,7 @@ def main():
   from lmmask import ngram
   summary = {
       "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "git_commit": wd.provenance()["git_commit"], "device": jax.devices()[0].device_kind,
+      "git_commit": workdir_lib.provenance()["git_commit"], "device": jax.devices()[0].device_kind,
       "root": root, "seed": configs["causal"].seed, "steps": configs["causal"].train.steps,
       "num_params": runs["causal"]["num_params"],
       "entropy_floor": floor, "log_vocab": math.log(len(corpus.vocab)),
@@ -432,7 +432,7 @@ def main():
   summary["wall_seconds"] = time.time() - t0
   summary["reading"] = reading(summary)
   write_report(summary, os.path.join(HERE, "REPORT.md"))
-  wd.atomic_write_json(os.path.join(HERE, "results.json"), summary)
+  workdir_lib.atomic_write_json(os.path.join(HERE, "results.json"), summary)
   print(f"wrote {os.path.join(HERE, 'REPORT.md')}")
   c, b = runs["causal"], runs["no_causal"]
   print(f"floor {floor:.4f} | causal train {c['train_loss']:.4f} val {c['val_loss']:.4f} "

@@ -25,14 +25,14 @@ from lmmask.batching import batch_from_ids  # noqa: E402
 from lmmask.data import pipeline, verbs  # noqa: E402
 from lmmask import step as step_lib
 from lmmask.data import verbs_source
-from lmmask import workdir as wd
+from lmmask import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REDS = ("token_mean", "seq_mean", "seq_mean_of_means")
 
 
 def restore_state(point_dir):
-  config = ConfigDict(wd.load_config(point_dir))
+  config = ConfigDict(workdir_lib.load_config(point_dir))
   corpus, _, _ = verbs_source.splits(config)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=len(corpus.vocab))

@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmmask import config as config_lib  # noqa: E402
 from lmmask import losses, sweep, train  # noqa: E402
 from lmmask.batching import batch_from_ids  # noqa: E402
 from lmmask.data import pipeline  # noqa: E402
@@ -38,7 +39,7 @@ TARGET_P = (0.5, 0.7, 0.9)  # reached by appending all-pad rows to the L = 14 ba
 
 
 def make_config(seed):
-  return sweep.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {
+  return config_lib.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {
       "seed": seed, "train.steps": STEPS, "optim.decay_steps": STEPS,
       "optim.warmup_steps": 30, "data.batch_size": 32, "train.progress_bar": False})
 

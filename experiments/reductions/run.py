@@ -17,6 +17,7 @@ import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmmask import config as config_lib  # noqa: E402
 from lmmask import losses, sweep, train  # noqa: E402
 from lmmask.data import pipeline  # noqa: E402
 from lmmask import step as step_lib
@@ -96,7 +97,7 @@ def plot_collapse(arm, curves, ratios):
 
 def grad_norm_ratios(n_batches=8):
   """Gradient global norm of each reduction / that of token_mean, same params and batch."""
-  base = sweep.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {})
+  base = config_lib.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {})
   corpus, tr, _ = verbs_source.splits(base)
   state = step_lib.create_train_state(base, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
 

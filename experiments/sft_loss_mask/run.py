@@ -42,7 +42,7 @@ from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask.batching import batch_from_ids  # noqa: E402
 from lmmask.data import prepare, shards  # noqa: E402
 from lmmask import step as step_lib
-from lmmask import workdir as wd
+from lmmask import workdir as workdir_lib
 
 SEEDS = (0, 1, 2)
 
@@ -59,7 +59,7 @@ def chat_config(arg):
 
 def restore(workdir):
   """(config, state) of a workdir's latest checkpoint."""
-  config = ConfigDict(wd.load_config(workdir))
+  config = ConfigDict(workdir_lib.load_config(workdir))
   meta = shards.read_meta(config.data.path)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=meta["vocab_size"])
@@ -144,7 +144,7 @@ def main(root="runs/sft_loss_mask", variant=""):
              "sft_steps": sft_on.train.steps, "pretrain_steps": pre.train.steps,
              "chat_meta": {k: meta["splits"][k]["mask_density"] for k in meta["splits"]},
              "variant": variant, "minutes": (time.time() - t0) / 60, "reused": reused}
-  wd.atomic_write_json(os.path.join(root, "summary.json"), summary)
+  workdir_lib.atomic_write_json(os.path.join(root, "summary.json"), summary)
   report = write_report(summary, examples, pre, sft_on, meta)
   paths = [os.path.join(root, "REPORT.md")]
   if root == os.path.abspath("runs/sft_loss_mask") and not variant:

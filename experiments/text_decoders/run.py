@@ -27,13 +27,13 @@ from lmmask import train
 from lmmask.model import count_params
 from lmmask.data import registry
 from lmmask import step as step_lib
-from lmmask import workdir as wd
+from lmmask import workdir as workdir_lib
 
 PROMPTS = ("The GNU General Public License", "You may convey", "If you", "  13. ")
 
 
 def restore_best(workdir):
-  config = ConfigDict(wd.load_config(workdir))
+  config = ConfigDict(workdir_lib.load_config(workdir))
   data = registry.load(config, workdir)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=data.vocab_size)

@@ -38,6 +38,9 @@ class VocabTokenizer:
 def splits(config):
   """(VerbCorpus, train Split, val Split), padded to data.length on data.pad_side."""
   d = config.data
+  if d.split not in verbs.SPLIT_POLICIES and "random" not in str(d.split):
+    raise ValueError(f"config.data.split: unknown split {d.split!r}; valid: "
+                     f"{', '.join(verbs.SPLIT_POLICIES)}")
   corpus = verbs.build_corpus(d.split, include_lexicon=d.include_lexicon)
   kw = dict(length=d.length, pad_id=corpus.vocab.pad_id, pad_side=d.pad_side)
   return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
