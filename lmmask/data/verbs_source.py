@@ -26,9 +26,9 @@ class VocabTokenizer:
     words = text.split()
     unknown = sorted({w for w in words if w not in self.vocab.tokens})
     if unknown:
-      raise ValueError(f"{len(unknown)} word(s) of {text!r} are outside the vocabulary of the "
-                       f"verbs corpus: {unknown[:10]}; it is closed, so write forms as the "
-                       f"corpus does (e.g. 'yo trabajo / I work', words separated by spaces)")
+      raise ValueError(f"{len(unknown)} word(s) of {text!r} are not in the verbs vocabulary: "
+                       f"{unknown[:10]}; the corpus is closed (write forms as the corpus "
+                       f"does, e.g. 'yo trabajo / I work', words separated by spaces)")
     return [self.vocab.id(w) for w in words]
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
