@@ -58,7 +58,7 @@ def _reference_mask(ids, tok):
 
 
 def _mask_with_opening_tag(tok, messages):
-  """Planted bug (seed 004): the opening <|assistant|> tag is counted too."""
+  """Planted bug: the opening <|assistant|> tag is counted too."""
   ids, mask = prepare.encode_conversation(tok, messages)
   return ids, [1 if t == tok.role_id["assistant"] else m for t, m in zip(ids, mask)]
 

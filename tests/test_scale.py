@@ -1,4 +1,4 @@
-"""Issue 7 (single process, 1 device): exact reductions under splitting, gradient
+"""Scaling on a single process and device: exact reductions under splitting, gradient
 accumulation, packing, the structured attention form and the fused attention path,
 remat/scan, mesh arithmetic. The 8-device checks live in test_mesh.py."""
 import jax
@@ -356,8 +356,7 @@ def test_gelu_exact_matches_erf_formula_and_its_gradient():
 
 
 # ---------------------------------------------------------------------------
-# After the merge with main (issues 4, 6, 8, 9): the speed paths with the decoder
-# options, z-loss inside the accumulated objective, packing per corpus.
+# The speed paths together with the decoder options, z-loss inside the accumulated objective, packing per corpus.
 
 _OPTIONS = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2,
                 tie_embeddings=True)

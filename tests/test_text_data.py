@@ -1,4 +1,4 @@
-"""Text pre-training data (issue 9): documents, split, tokenizer, shards, windows,
+"""Text pre-training data: documents, split, tokenizer, shards, windows,
 packing, and a few training steps on generated text."""
 import collections
 import importlib.util
