@@ -8,7 +8,7 @@ with checkpoints) into $LMMASK_EXPERIMENTS/length_bias, restores each point's
 final checkpoint and measures the token-mean NLL of every tense (the tenses are
 the length buckets: present forms are the shortest, going_to the longest), on
 the train forms and on the held-out val forms. Writes results.md next to this file.
-`tiny`: token_mean and seq_mean_of_means only, seed 0, 4 steps per point,
+`tiny`: token_mean and seq_mean_of_means only, seed=0, 4 steps per point,
 everything in a temporary directory.
 """
 import os

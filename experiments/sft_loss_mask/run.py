@@ -234,7 +234,7 @@ def write_report(summary, examples, pre, sft, meta) -> str:
             "Records longer than data.length tokens are dropped at prepare time "
             f"({meta.get('dropped_too_long')}). One base model is shared by all fine-tuning "
             "runs; the seed varies the fine-tuning only.", "",
-            "## Example conversations (val, seed 0)", ""]
+            "## Example conversations (val, seed=0)", ""]
   for name, exs in examples.items():
     lines.append(f"### {name}")
     lines.append("")
