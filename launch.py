@@ -16,6 +16,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lmmask import audit, evaluation, sweep, train
+from lmmask import workdir as workdir_lib
+from lmmask.data import prepare
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/verbs.py[:variant].",
     lock_config=True)
@@ -29,7 +33,7 @@ _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "sweep: print one launch command per point instead of running.")
-# issue 4: generation flags (--mode=generate).
+# Generation flags (--mode=generate; --temperature and --sample_seed also in eval).
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeatable), e.g. "
                                     "'yo como /'; <bos> is added.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "generate: a file, one prompt a line.")
@@ -37,7 +41,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy, > 0
 _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeliest tokens.")
 _TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass in (0, 1].")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "generate: tokens to add per prompt.")
-_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate: PRNG seed for sampling.")
+_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate/eval: PRNG seed for sampling.")
+_CHAT = flags.DEFINE_bool("chat", False, "generate: render each prompt as a user turn of a "
+                          "chat model and print the assistant's reply.")
 
 
 def _print_metrics(title, results):
@@ -77,7 +83,7 @@ def _parse_flags(argv):
 
 def _set_cpu_devices(config):
   """config.mesh.cpu_devices > 1: that many XLA:CPU devices (before JAX touches one)."""
-  n = config.get("mesh", {}).get("cpu_devices", 1) if config is not None else 1
+  n = config.mesh.cpu_devices if config is not None else 1
   if not isinstance(n, int) or isinstance(n, bool) or n < 1:
     raise app.UsageError(f"mesh.cpu_devices must be a positive int (1 = off), got {n!r}")
   if n > 1:
@@ -85,70 +91,102 @@ def _set_cpu_devices(config):
     jax.config.update("jax_num_cpu_devices", n)
 
 
+def _need_config(mode):
+  if _CONFIG.value is None:
+    raise app.UsageError(f"--config is required for --mode={mode}")
+  return _CONFIG.value
+
+
+def _data_config():
+  """For eval/audit: the workdir's saved config, with the data section of --config when
+  one is given (evaluate a checkpoint on other data, e.g. an imported model)."""
+  if _CONFIG.value is None:
+    return None
+  config = workdir_lib.load_config(_WORKDIR.value)
+  with config.unlocked():
+    config.data = _CONFIG.value.data
+  return config
+
+
+def mode_prepare():
+  config = _need_config("prepare")
+  meta = prepare.prepare(config)
+  print(f"wrote {config.data.path}: vocab {meta['vocab_size']}, " + ", ".join(
+      f"{k} {v['num_docs']} docs / {v['num_tokens']} tokens (mask density "
+      f"{v['mask_density']:.3f})" for k, v in meta["splits"].items()))
+
+
+def mode_train():
+  results = train.train_and_evaluate(_need_config("train"), _WORKDIR.value)
+  _print_metrics(f"results ({_WORKDIR.value}/results.json):", results)
+  print(f"val PPL {results['val_ppl']:.2f} (train PPL {results['train_ppl']:.2f})")
+
+
+def mode_eval():
+  results = evaluation.evaluate_checkpoint(
+      _WORKDIR.value, _STEP.value, _WHICH.value, config=_data_config(), extras=True,
+      temperature=_TEMPERATURE.value, sample_seed=_SAMPLE_SEED.value)
+  _print_metrics(f"eval of {_WHICH.value} checkpoint in {_WORKDIR.value}:", results)
+  print(evaluation.format_report(results))
+  print(f"val PPL {results['val_ppl']:.4f} (val loss {results['val_loss']:.4f})")
+  print(json.dumps(results, default=str), file=sys.stderr)
+
+
+def mode_sweep():
+  sweep_cfg = _need_config("sweep")
+  if _DRY_RUN.value:
+    print("\n".join(sweep.commands(sweep_cfg, _WORKDIR.value, f"python {sys.argv[0]}")))
+    return
+  _sweep_summary(sweep.run(sweep_cfg, _WORKDIR.value))
+
+
+def mode_aggregate():
+  _sweep_summary(sweep.aggregate(_WORKDIR.value, _CONFIG.value))
+
+
+def _sweep_summary(rows):
+  done = sum(r["status"] == "done" for r in rows)
+  print(f"{done}/{len(rows)} points done; see {_WORKDIR.value}/results.md, results.csv, plots/")
+
+
+def mode_generate():
+  prompts = list(_PROMPT.value)
+  if _PROMPT_FILE.value:
+    with open(_PROMPT_FILE.value) as f:
+      prompts += [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise app.UsageError("--mode=generate needs --prompt=... (repeatable) or --prompt_file")
+  for prompt, completion in evaluation.generate_text(
+      _WORKDIR.value, prompts, step=_STEP.value, which=_WHICH.value,
+      max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, seed=_SAMPLE_SEED.value, chat=_CHAT.value):
+    print(f"{prompt} -> {completion}")
+
+
+def mode_audit():
+  res = audit.audit_workdir(_WORKDIR.value, _data_config() or _CONFIG.value, _STEP.value,
+                            _WHICH.value)
+  print(f"audit of {res['source']} in {_WORKDIR.value}")
+  print(audit.format_audit(res))
+  if not res["passed"]:
+    sys.exit(1)  # a leak is a failure, for scripts and CI
+
+
+MODES = {"train": mode_train, "eval": mode_eval, "sweep": mode_sweep,
+         "aggregate": mode_aggregate, "generate": mode_generate, "audit": mode_audit,
+         "prepare": mode_prepare}
+NO_WORKDIR = ("prepare",)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _MODE.value == "prepare":
-    if _CONFIG.value is None:
-      raise app.UsageError("--config is required for --mode=prepare")
-    from lmmask.data import prepare
-    meta = prepare.prepare(_CONFIG.value)
-    print(f"wrote {_CONFIG.value.data.path}: vocab {meta['vocab_size']}, " + ", ".join(
-        f"{k} {v['num_docs']} docs / {v['num_tokens']} tokens (mask density "
-        f"{v['mask_density']:.3f})" for k, v in meta["splits"].items()))
-    return
-  if not _WORKDIR.value:
+  if _MODE.value not in NO_WORKDIR and not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  _set_cpu_devices(_CONFIG.value)
-  from lmmask import train  # after flag parsing, so --help is fast
-  if _MODE.value == "train":
-    if _CONFIG.value is None:
-      raise app.UsageError("--config is required for --mode=train")
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    _print_metrics(f"results ({_WORKDIR.value}/results.json):", results)
-    print(f"val PPL {results['val_ppl']:.2f} (train PPL {results['train_ppl']:.2f})")
-  elif _MODE.value == "eval":
-    results = train.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _WHICH.value)
-    _print_metrics(f"eval of {_WHICH.value} checkpoint in {_WORKDIR.value}:", results)
-    from lmmask import evaluation  # issue 4: baseline, floor, exact match, length buckets
-    extras = evaluation.evaluate_extras(_WORKDIR.value, results["step"], _WHICH.value)
-    print(evaluation.format_report(results, extras))
-    results.update(extras)
-    print(json.dumps(results), file=sys.stderr)
-  elif _MODE.value in ("sweep", "aggregate"):
-    from lmmask import sweep
-    if _MODE.value == "sweep" and _CONFIG.value is None:
-      raise app.UsageError("--config=configs/sweeps/X.py is required for --mode=sweep")
-    if _MODE.value == "aggregate":
-      rows = sweep.aggregate(_WORKDIR.value, _CONFIG.value)
-    elif _DRY_RUN.value:
-      print("\n".join(sweep.commands(_CONFIG.value, _WORKDIR.value, f"python {sys.argv[0]}")))
-      return
-    else:
-      rows = sweep.run(_CONFIG.value, _WORKDIR.value)
-    done = sum(r["status"] == "done" for r in rows)
-    print(f"{done}/{len(rows)} points done; see {_WORKDIR.value}/results.md, results.csv, plots/")
-  elif _MODE.value == "generate":  # issue 4
-    from lmmask import evaluation
-    prompts = list(_PROMPT.value)
-    if _PROMPT_FILE.value:
-      with open(_PROMPT_FILE.value) as f:
-        prompts += [line.strip() for line in f if line.strip()]
-    if not prompts:
-      raise app.UsageError("--mode=generate needs --prompt=... (repeatable) or --prompt_file")
-    for prompt, completion in evaluation.generate_text(
-        _WORKDIR.value, prompts, step=_STEP.value, which=_WHICH.value,
-        max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-        top_p=_TOP_P.value, seed=_SAMPLE_SEED.value):
-      print(f"{prompt} -> {completion}")
-  elif _MODE.value == "audit":  # issue 4: exits non-zero when a leak is found
-    from lmmask import audit
-    res = audit.audit_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value, _WHICH.value)
-    print(f"audit of {res['source']} in {_WORKDIR.value}")
-    print(audit.format_audit(res))
-    if not res["passed"]:
-      sys.exit(1)
+  if _MODE.value in ("train", "audit"):
+    _set_cpu_devices(_CONFIG.value)
+  MODES[_MODE.value]()
 
 
 if __name__ == "__main__":

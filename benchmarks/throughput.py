@@ -131,11 +131,12 @@ class JaxRunner:
   """Compiled lmmask train_step plus its batches; `measure(steps)` -> seconds/step list."""
 
   def __init__(self, spec, batches, compiler_options=None, **cfg_kw):
+    from lmmask import step as step_lib
     from lmmask import train
     from lmmask.model import count_params
     self.spec, self.batches = spec, [jax.device_put(b) for b in batches]
     config = lm_config(spec, **cfg_kw)
-    self.state = train.create_train_state(config, jax.random.PRNGKey(0),
+    self.state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
                                           vocab_size=spec["vocab"])
     self.config = config
     self.mesh = None
@@ -150,10 +151,10 @@ class JaxRunner:
     self.n_embed = model.embed.embedding[...].size + model.pos_embed.embedding[...].size
     t = time.perf_counter()
     if self.mesh is None:
-      jitted = jax.jit(train.train_step, donate_argnums=0)
+      jitted = jax.jit(step_lib.train_step, donate_argnums=0)
     else:
       from lmmask import parallel
-      jitted = parallel.jit_train_step(train.train_step, self.state, self.mesh)
+      jitted = parallel.jit_train_step(step_lib.train_step, self.state, self.mesh)
     lowered = jitted.lower(self.state, self.batches[0])
     compiled = lowered.compile(compiler_options or None)  # XLA debug options, e.g. onednn
     self.compile_s = time.perf_counter() - t

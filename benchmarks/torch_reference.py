@@ -113,12 +113,13 @@ class TorchRunner:
 
   def __init__(self, spec, batches, *, gelu_approximate=False, threads=None, optim=None):
     import jax
+    from lmmask import step as step_lib
     from lmmask import train
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     config = throughput.lm_config(spec, gelu_approximate=gelu_approximate, dtype="float32",
                                   attention="einsum")
-    state = train.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"])
+    state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"])
     self.model = TorchDecoder(spec, approximate=gelu_approximate)
     self.model.load_lmmask(state.params)
     o = config.optim

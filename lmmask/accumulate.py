@@ -14,7 +14,7 @@ with the batch split in contiguous blocks over devices, every device then holds
 B / (A * n_devices) rows of every micro-batch, so all devices work on every
 micro-batch.
 
-An optional z-loss (``loss.z_loss``, issue 9) is reduced with the same weights
+An optional z-loss (``loss.z_loss``) is reduced with the same weights
 and added to the objective that is differentiated; the reported ``loss`` metric
 stays the cross-entropy and the z-loss term is its own ``z_loss`` metric, as in
 `losses.z_loss`.

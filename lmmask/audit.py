@@ -15,16 +15,20 @@ as PNG heat maps for a few examples.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lmmask import checkpoint as ckpt
-from lmmask.data import pipeline
+from lmmask import config as config_lib
+from lmmask import step as step_lib
+from lmmask import workdir as wd
+from lmmask.data import registry
 
 
 def future_region(length: int, t):
@@ -32,34 +36,44 @@ def future_region(length: int, t):
   return jnp.arange(length) > t
 
 
-def _forward(graphdef, params, causal, batch, return_attention=False):
-  """The model called as `train._forward` calls it in evaluation (dropout off)."""
-  model = nnx.merge(graphdef, params)
-  return model(batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
-               segment_ids=batch.segment_ids, causal=causal,
-               return_attention=return_attention)
+class _Spec(NamedTuple):
+  """The static half of a TrainState (hashable, for jit): what `step.forward` reads."""
+  graphdef: object
+  options: step_lib.StepOptions
 
 
-# The jitted probes take (graphdef, params, causal) rather than a TrainState, so
-# states of one architecture share compiled code.
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _future_change(graphdef, params, causal, batch, t, noise):
+def _static(state) -> _Spec:
+  # The probes also run on re-padded copies whose real keys are no prefix, so the
+  # fused attention's prefix shortcut is off here (same maths, general path).
+  return _Spec(state.graphdef, dataclasses.replace(state.options, keys_are_prefix=False))
+
+
+def _forward(state, params, batch, return_attention=False):
+  """The model as evaluation calls it (dropout off): the one `step.forward`."""
+  return step_lib.forward(state, params, batch, deterministic=True,
+                          return_attention=return_attention)
+
+
+# The jitted probes take the state's static part and its params apart, so states of
+# one architecture share compiled code.
+@functools.partial(jax.jit, static_argnums=(0,))
+def _future_change(state, params, batch, t, noise):
   """Largest |logit change| at real columns <= t when real tokens after t change."""
-  base = _forward(graphdef, params, causal, batch)
+  base = _forward(state, params, batch)
   length = batch.inputs.shape[1]
   perturb = future_region(length, t)[None, :] & batch.key_mask
   new_inputs = jnp.where(perturb, noise, batch.inputs)
-  out = _forward(graphdef, params, causal, batch.replace(inputs=new_inputs))
+  out = _forward(state, params, batch.replace(inputs=new_inputs))
   watch = (jnp.arange(length) <= t)[None, :] & batch.key_mask
   diff = jnp.abs(out - base).max(axis=-1)
   return jnp.where(watch, diff, 0.0).max()
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _pad_change(graphdef, params, causal, batch, noise):
-  base = _forward(graphdef, params, causal, batch)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _pad_change(state, params, batch, noise):
+  base = _forward(state, params, batch)
   new_inputs = jnp.where(batch.key_mask, batch.inputs, noise)
-  out = _forward(graphdef, params, causal, batch.replace(inputs=new_inputs))
+  out = _forward(state, params, batch.replace(inputs=new_inputs))
   diff = jnp.abs(out - base).max(axis=-1)
   return jnp.where(batch.key_mask, diff, 0.0).max()
 
@@ -76,8 +90,7 @@ def future_probe(state, batches, *, vocab_size: int, pad_id: int, seed: int = 0)
   for i, b in enumerate(batches):
     for t in range(b.inputs.shape[1] - 1):
       noise = _noise(jax.random.fold_in(rng, i * 1000 + t), b.inputs.shape, vocab_size, pad_id)
-      worst = max(worst, float(_future_change(state.graphdef, state.params, state.causal, b, t,
-                                              noise)))
+      worst = max(worst, float(_future_change(_static(state), state.params, b, t, noise)))
   return worst
 
 
@@ -86,17 +99,17 @@ def pad_probe(state, batches, *, vocab_size: int, pad_id: int, seed: int = 1) ->
   rng = jax.random.PRNGKey(seed)
   for i, b in enumerate(batches):
     noise = _noise(jax.random.fold_in(rng, i), b.inputs.shape, vocab_size, pad_id)
-    worst = max(worst, float(_pad_change(state.graphdef, state.params, state.causal, b, noise)))
+    worst = max(worst, float(_pad_change(_static(state), state.params, b, noise)))
   return worst
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _attention_jit(graphdef, params, causal, batch):
-  return _forward(graphdef, params, causal, batch, return_attention=True)[1]
+@functools.partial(jax.jit, static_argnums=(0,))
+def _attention_jit(state, params, batch):
+  return _forward(state, params, batch, return_attention=True)[1]
 
 
 def _attention(state, batch):
-  return _attention_jit(state.graphdef, state.params, state.causal, batch)
+  return _attention_jit(_static(state), state.params, batch)
 
 
 def attention_stats(state, batches) -> dict:
@@ -120,7 +133,7 @@ def attention_stats(state, batches) -> dict:
   return {"mass_above_diagonal": (above / count).tolist(), "mass_on_pad_keys": (pad / count).tolist()}
 
 
-def save_heatmaps(state, batch, vocab, outdir: str, num: int) -> list[str]:
+def save_heatmaps(state, batch, tok, outdir: str, num: int) -> list[str]:
   """One PNG per example: a grid of layers x heads attention maps over its real tokens."""
   import matplotlib
   matplotlib.use("Agg")
@@ -133,7 +146,8 @@ def save_heatmaps(state, batch, vocab, outdir: str, num: int) -> list[str]:
     real = np.nonzero(np.asarray(batch.key_mask[i]))[0]
     if real.size == 0:
       continue
-    labels = [vocab.tokens[int(x)] for x in np.asarray(batch.inputs[i])[real]]
+    labels = [tok.decode([int(x)], skip_special=False)
+              for x in np.asarray(batch.inputs[i])[real]]
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.6 * n_heads, 2.6 * n_layers),
                              squeeze=False)
     for layer in range(n_layers):
@@ -156,20 +170,40 @@ def save_heatmaps(state, batch, vocab, outdir: str, num: int) -> list[str]:
   return paths
 
 
-def run_audit(state, config, corpus, *, outdir: str | None = None) -> dict:
+def pad_right_to_left(batch):
+  """A copy of an unpacked, right-padded batch with each row's real tokens moved to
+  the end (left padding): inputs, targets, masks and positions roll together, so
+  every target keeps its input. Packed rows (several segments) are left as they are."""
+  km = np.asarray(batch.key_mask, bool)
+  seg = np.asarray(batch.segment_ids)
+  n = km.sum(axis=1)
+  t = km.shape[1]
+  prefix = (km == (np.arange(t)[None, :] < n[:, None])).all(axis=1)
+  single = (np.where(km, seg, 0).max(axis=1) <= 1)
+  shift = np.where(prefix & single, t - n, 0)
+
+  def roll(x):
+    x = np.asarray(x)
+    return np.stack([np.roll(row, s, axis=0) for row, s in zip(x, shift)])
+  return batch.replace(**{f: roll(getattr(batch, f)) for f in
+                          ("inputs", "targets", "key_mask", "loss_mask", "positions",
+                           "segment_ids")})
+
+
+def audit_batches(config, data) -> list:
+  """The first eval.audit_batches batches of the train and val eval sets, as the data
+  gives them and with their padding moved to the other side."""
+  nb = int(config.eval.audit_batches)
+  sets = data.eval_sets()
+  batches = [b for name in ("train", "val") for b in sets.get(name, [])[:nb]]
+  return batches + [pad_right_to_left(b) for b in batches]
+
+
+def run_audit(state, config, data, *, outdir: str | None = None) -> dict:
   """All probes and attention checks on real batches; `passed` is False on any leak."""
-  from lmmask import evaluation
-  ev = evaluation.eval_settings(config)
-  v = corpus.vocab
-  nb, tol = int(ev.audit_batches), float(ev.audit_tolerance)
-  batches = []
-  for side in ("right", "left"):
-    for examples in (corpus.train, corpus.val):
-      split = pipeline.pad_split(examples, length=config.data.length, pad_id=v.pad_id,
-                                 pad_side=side)
-      batches += pipeline.eval_batches(split, batch_size=config.data.eval_batch_size,
-                                       pad_id=v.pad_id)[:nb]
-  kw = dict(vocab_size=len(v), pad_id=v.pad_id)
+  tol = float(config.eval.audit_tolerance)
+  batches = audit_batches(config, data)
+  kw = dict(vocab_size=data.vocab_size, pad_id=data.pad_id)
   res = {"causal": bool(state.causal), "tolerance": tol, "num_batches": len(batches),
          "future_max_logit_change": future_probe(state, batches, **kw),
          "pad_max_logit_change": pad_probe(state, batches, **kw)}
@@ -185,12 +219,9 @@ def run_audit(state, config, corpus, *, outdir: str | None = None) -> dict:
   res["passed"] = all(checks.values())
   if outdir is not None:
     os.makedirs(outdir, exist_ok=True)
-    right = pipeline.pad_split(corpus.val, length=config.data.length, pad_id=v.pad_id,
-                               pad_side="right")
-    first = pipeline.eval_batches(right, batch_size=config.data.eval_batch_size,
-                                  pad_id=v.pad_id)[0]
-    res["heatmaps"] = save_heatmaps(state, first, v, outdir, int(ev.audit_heatmaps))
-    ckpt.atomic_write_json(os.path.join(outdir, "audit.json"), res)
+    res["heatmaps"] = save_heatmaps(state, batches[0], data.tokenizer, outdir,
+                                    int(config.eval.audit_heatmaps))
+    wd.atomic_write_json(os.path.join(outdir, "audit.json"), res)
   return res
 
 
@@ -214,24 +245,22 @@ def format_audit(res: dict) -> str:
 
 
 def audit_workdir(workdir: str, config=None, step=None, which: str = "latest"):
-  """Audit a workdir's checkpoint, or a fresh model from `config` if it has none."""
-  from lmmask import evaluation, train
-  has_ckpt = os.path.isdir(os.path.join(workdir, ckpt.CKPT_DIR if which == "latest"
-                                        else ckpt.BEST_DIR))
-  if has_ckpt:
-    config, corpus, _, _, state, step = evaluation.load_state(workdir, step, which)
+  """Audit a workdir's checkpoint, or a fresh model from `config` if it has none.
+
+  config: for a checkpoint, the data to probe with (e.g. another data.path); by
+  default the workdir's own."""
+  if ckpt.committed_steps(workdir, wd.WHICH[which]):
+    config, data, state, step = wd.restore_state(workdir, which, step, config=config)
     source = f"checkpoint step {step}"
   elif config is not None:
-    train.validate_config(config)
-    corpus, _, _ = train.load_verb_data(config)
-    state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                     vocab_size=len(corpus.vocab))
+    config_lib.validate(config)
+    data = registry.load(config, workdir)
+    state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
+                                        vocab_size=data.vocab_size)
     source = "fresh (untrained) model from --config"
   else:
     raise FileNotFoundError(f"no checkpoints in {workdir} and no --config given: nothing to "
                             f"audit")
-  res = run_audit(state, config, corpus, outdir=os.path.join(workdir, "audit"))
+  res = run_audit(state, config, data, outdir=os.path.join(workdir, "audit"))
   res["source"] = source
   return res
-
-

@@ -1,13 +1,6 @@
-"""Workdir ownership, experiment identity and orbax checkpoints.
+"""Orbax checkpoints: save, finish, prune and restore, safely.
 
-A workdir belongs to one experiment: its `config.json` is written once, on the
-first run. A later run compares its config with the saved one, ignoring only the
-fields in `RESUMABLE_FIELDS` (run length, logging, eval and checkpoint cadence)
-and the evaluation-only sections in `RESUMABLE_SECTIONS`.
-Any other difference is refused with the list of differing fields before
-anything in the workdir is touched.
-
-Checkpoint safety (see README.md, "Resuming and failures"):
+Checkpoint safety (docs/failures.md):
   * orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when
     complete, so an interrupted save never becomes a step; leftovers are removed
     when a training run opens the directory, and after a failed save.
@@ -21,39 +14,14 @@ Checkpoint safety (see README.md, "Resuming and failures"):
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
-# Fields that may change between runs of the same experiment.
-RESUMABLE_FIELDS = frozenset({
-    "train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
-    "train.keep_checkpoints", "train.progress_bar", "train.jax_cache_dir",
-    # issue 7: layout and speed knobs that do not change the maths
-    "train.profile_start", "train.profile_steps", "mesh.data", "mesh.fsdp",
-    "distributed.mode", "distributed.coordinator_address", "distributed.num_processes",
-    "distributed.process_id", "model.attention", "model.remat", "model.scan_layers",
-    "optim.grad_accum_steps",
-    "train.nonfinite", "train.resume",  # failure policy: "skip" after a NaN stop is how to go on
-})
-# Fields added after workdirs already existed. A saved config without one of them
-# ran with the behaviour this value selects, so "absent" and this value are equal.
-ABSENT_MEANS = {
-    "data.corpus": "verbs", "data.packing": False, "data.pack_docs_per_row": 2,
-    "loss.z_loss": 0.0, "model.mlp": "gelu", "model.n_kv_heads": 0,
-    "model.norm": "layernorm", "model.pos_encoding": "learned", "model.rope_base": 10000.0,
-    "model.tie_embeddings": False, "train.init_from": "",
-}
-# Whole sections that only change how a model is evaluated, never how it trains.
-RESUMABLE_SECTIONS = ("eval.", "baseline.")
-
-CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
 BEST_DIR = "best"
 DAMAGED_DIR = "checkpoints.damaged"  # damaged steps are moved here by a training run
@@ -72,94 +40,6 @@ class CheckpointSaveError(OSError):
   """A checkpoint could not be written; the previous ones are untouched."""
 
 
-def flatten(d, prefix=""):
-  """Nested dict/ConfigDict -> {dotted key: value} (lists stay values)."""
-  d = d.to_dict() if hasattr(d, "to_dict") else d
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def config_to_dict(config) -> dict:
-  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  return json.loads(json.dumps(d))  # tuples -> lists, as they come back from JSON
-
-
-def atomic_write_json(path, obj):
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=str)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def config_diff(saved: dict, new: dict, ignore=RESUMABLE_FIELDS):
-  a, b = flatten(saved), flatten(new)
-  for key, value in ABSENT_MEANS.items():
-    for side in (a, b):
-      if key not in side and (key in a or key in b):
-        side[key] = value
-  keys = sorted(k for k in (set(a) | set(b)) - set(ignore)
-                if not k.startswith(RESUMABLE_SECTIONS))
-  return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys
-          if a.get(k, "<absent>") != b.get(k, "<absent>")]
-
-
-def claim_workdir(workdir: str, config_dict: dict) -> bool:
-  """Check the workdir belongs to this experiment. Returns True if it is new.
-
-  Raises ValueError (touching nothing) if the workdir holds another experiment.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    diff = config_diff(saved, config_dict)
-    if diff:
-      lines = "\n".join(f"  {k}: saved={a!r} now={b!r}" for k, a, b in diff)
-      raise ValueError(
-          f"workdir {workdir} belongs to a different experiment; these fields differ "
-          f"from its {CONFIG_FILE}:\n{lines}\nUse a new --workdir, or rerun with the saved "
-          f"values (only {', '.join(sorted(RESUMABLE_FIELDS))} and the "
-          f"{', '.join(s + '*' for s in RESUMABLE_SECTIONS)} sections may change on resume).")
-    return False
-  if os.path.isdir(os.path.join(workdir, CKPT_DIR)):
-    raise ValueError(f"workdir {workdir} has checkpoints but no {CONFIG_FILE}; refusing to "
-                     f"write into it. Use a new --workdir.")
-  return True
-
-
-def check_workdir(workdir: str) -> None:
-  """Refuse (touching nothing) a workdir that is a file or cannot be written."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f"workdir {workdir} is a file, not a directory; choose another "
-                             f"--workdir")
-  probe = os.path.abspath(workdir)
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise NotADirectoryError(f"workdir {workdir} cannot be created: {probe} is a file; "
-                             f"choose another --workdir")
-  if not os.access(probe, os.W_OK | os.X_OK):
-    what = "is not writable" if probe == os.path.abspath(workdir) else \
-        f"cannot be created: {probe} is not writable"
-    raise PermissionError(f"workdir {workdir} {what}; choose another --workdir or fix its "
-                          f"permissions")
-
-
 def committed_steps(workdir: str, sub: str = CKPT_DIR) -> list[int]:
   """Steps with a complete (renamed) directory in `workdir/sub`, without opening orbax."""
   d = os.path.join(workdir, sub)
@@ -167,15 +47,6 @@ def committed_steps(workdir: str, sub: str = CKPT_DIR) -> list[int]:
     return []
   return sorted(int(n) for n in os.listdir(d)
                 if n.isdigit() and os.path.isdir(os.path.join(d, n)))
-
-
-def load_saved_config(workdir: str) -> dict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no {CONFIG_FILE} in {workdir}: it is not an lmmask workdir "
-                            f"(train into it first with --mode=train)")
-  with open(path) as f:
-    return json.load(f)
 
 
 def manager(workdir: str, sub: str, keep: int, create: bool = True) -> ocp.CheckpointManager:

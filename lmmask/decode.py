@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from lmmask import masks
+from lmmask import model as model_lib
 
 
 @dataclasses.dataclass
@@ -103,15 +104,6 @@ def _check_model(model):
                      f"TrainState or a Decoder")
 
 
-def _attend_local(q, k, v, bias, has_key):
-  """Attention for models without `lmmask.model.attend` (q, k, v: (B, T, H, D))."""
-  b, tq, h, d = q.shape
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-  probs = jax.nn.softmax(logits / math.sqrt(d) + bias, axis=-1) * has_key
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-  return out.reshape(b, tq, h * d), probs
-
-
 def _project(attn, x, positions):
   """q (B, T, H, D), k and v (B, T, Hkv, D), with rotary positions if the model has them."""
   if hasattr(attn, "project"):
@@ -129,7 +121,6 @@ def _block_cached(block, x, positions, k_cache, v_cache, slot, key_valid):
   The cache holds keys/values as (B, S, Hkv, D), exactly as the attention projects
   them (already rotated for rotary models).
   """
-  from lmmask import model as model_lib
   tq = x.shape[1]
   attn = block.attn
   q, k, v = _project(attn, block.ln1(x), positions)
@@ -138,8 +129,7 @@ def _block_cached(block, x, positions, k_cache, v_cache, slot, key_valid):
   s = k_cache.shape[1]
   allowed = masks.key_padding_mask(key_valid) & masks.causal_mask(tq, s, q_offset=slot)
   has_key = allowed.any(axis=-1, keepdims=True).astype(jnp.float32)
-  attend = getattr(model_lib, "attend", _attend_local)
-  out, _ = attend(q, k_cache, v_cache, masks.to_bias(allowed, jnp.float32), has_key)
+  out, _ = model_lib.attend(q, k_cache, v_cache, masks.to_bias(allowed, jnp.float32), has_key)
   x = x + attn.out(out)
   h = block.ln2(x)
   if hasattr(block, "mlp"):

@@ -1,303 +1,121 @@
-"""Checkpoint evaluation beyond the teacher-forced loss.
+"""Checkpoint evaluation and generation for every corpus.
 
-* exact match of greedy KV-cache completions on the held-out split ("<bos> spanish /"
-  -> the English side, or the reverse with eval.direction="en_es"), overall, for
-  regular and irregular verbs, with a count of over-regularised answers
-  ("I eat ed": the regular rule applied where the reference differs);
-* teacher-forced loss / PPL / accuracy per sequence length;
-* the "inference-mode" loss: every prefix recomputed on its own, so position t sees
-  tokens <= t whatever mask the model was trained with. For a causal model it equals
-  the teacher-forced loss; for a model trained without the causal mask it does not;
-* the add-k n-gram baseline and the entropy floor, side by side with the model.
+The teacher-forced numbers (loss, PPL, accuracy on each eval set) are the same
+for every corpus; what else is worth reporting is the corpus's own business and
+lives in one module per corpus (`EXTRAS`): verbs (exact match, n-gram baseline,
+entropy floor, length buckets), text (PPL by document length, continuations),
+shards/chat (assistant-token loss, exact match of assistant replies). The
+entropy floor is computed for any corpus whose training set is small enough.
 """
 from __future__ import annotations
 
-import functools
-import math
-import os
-
 import jax
-import jax.numpy as jnp
-import numpy as np
-from ml_collections import ConfigDict
 
-from lmmask import checkpoint as ckpt
-from lmmask import decode, floor as floor_lib, losses, ngram
-from lmmask.data import pipeline, verbs
+from lmmask import decode, eval_chat, eval_text, eval_verbs
+from lmmask import floor as floor_lib
+from lmmask import step as step_lib
+from lmmask import workdir as wd
 
-DIRECTIONS = ("es_en", "en_es")
-_DEFAULTS = {"direction": "es_en", "max_new_tokens": 8, "num_examples": 12,
-             "exact_match_at_end": True, "floor_tolerance": 0.01, "audit_tolerance": 1e-5,
-             "audit_batches": 2, "audit_heatmaps": 3}
+EXTRAS = {"verbs": eval_verbs, "text": eval_text, "shards": eval_chat}
 
 
-def eval_settings(config) -> ConfigDict:
-  """config.eval, with defaults for workdirs whose config predates that section."""
-  out = dict(_DEFAULTS)
-  ev = config.get("eval", None)
-  if ev is not None:
-    out.update(dict(ev))
-  if out["direction"] not in DIRECTIONS:
-    raise ValueError(f"config.eval.direction must be one of {DIRECTIONS}, got "
-                     f"{out['direction']!r}")
-  return ConfigDict(out)
+def _extras(data):
+  if data.name not in EXTRAS:
+    raise ValueError(f"corpus {data.name!r} has no evaluation module; known: "
+                     f"{', '.join(EXTRAS)}")
+  return EXTRAS[data.name]
 
 
-# ---------------------------------------------------------------------------
-# Exact match.
-
-def _sides(example):
-  spanish, english = example.text.split(f" {verbs.SEP} ")
-  return spanish, english
-
-
-def exact_match(state, corpus, *, direction: str = "es_en", max_new_tokens: int = 8,
-                num_examples: int = 12, examples=None, temperature: float = 0.0,
-                rng=None) -> dict:
-  """Greedy (or sampled) completions of the held-out forms, scored by exact match."""
-  if direction not in DIRECTIONS:
-    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-  vocab = corpus.vocab
-  examples = [e for e in (corpus.val if examples is None else examples) if e.kind == "form"]
-  if not examples:
-    raise ValueError("exact match needs held-out forms; the split has none")
-  prompts, refs = [], []
-  for e in examples:
-    es, en = _sides(e)
-    src, tgt = (es, en) if direction == "es_en" else (en, es)
-    prompts.append([vocab.bos_id] + vocab.encode(src, add_bos=False, add_eos=False)
-                   + [vocab.sep_id])
-    refs.append(tgt)
-  gen = decode.generate(state, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        rng=rng, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
-  rows = []
-  counts = {"all": [0, 0], "regular": [0, 0], "irregular": [0, 0]}
-  over, eligible = 0, 0
-  for e, prompt, ref, toks in zip(examples, prompts, refs, gen.tokens):
-    ids = decode.strip_after_eos(toks, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
-    out = vocab.decode(ids, strip_special=False)
-    finished = vocab.eos_id in toks.tolist()
-    ok = finished and out == ref
-    kind = "regular" if e.regular else "irregular"
-    for key in ("all", kind):
-      counts[key][0] += ok
-      counts[key][1] += 1
-    over_reg = None
-    if direction == "es_en":
-      regular_form = verbs.regular_english(e.verb, e.tense, e.person)
-      if regular_form != ref:
-        eligible += 1
-        over_reg = out == regular_form
-        over += over_reg
-    rows.append({"prompt": vocab.decode(prompt), "reference": ref, "completion": out,
-                 "correct": bool(ok), "finished": bool(finished), "regular": bool(e.regular),
-                 "verb": e.verb, "tense": e.tense, "person": e.person,
-                 "over_regularised": over_reg})
-  res = {"direction": direction, "num_prompts": len(rows),
-         "exact_match": counts["all"][0] / counts["all"][1]}
-  for key in ("regular", "irregular"):
-    hit, tot = counts[key]
-    res[f"exact_match_{key}"] = hit / tot if tot else None
-    res[f"num_{key}"] = tot
-  res["over_regularised"] = over if direction == "es_en" else None
-  res["over_regularisable"] = eligible if direction == "es_en" else None
-  # Wrong answers first (over-regularised ones before other errors), then up to a
-  # third of the slots for correct ones, so both kinds show up.
-  wrong = sorted((i for i, r in enumerate(rows) if not r["correct"]),
-                 key=lambda i: (not rows[i]["over_regularised"], i))
-  right = [i for i, r in enumerate(rows) if r["correct"]]
-  n_right = min(len(right), num_examples // 3) if wrong else min(len(right), num_examples)
-  picked = wrong[:num_examples - n_right] + right[:n_right]
-  picked += [i for i in right[n_right:]][:num_examples - len(picked)]
-  res["examples"] = [rows[i] for i in picked]
-  res["rows"] = rows
-  return res
-
-
-# ---------------------------------------------------------------------------
-# Teacher-forced per-length and inference-mode (prefix recompute) losses.
-
-@functools.partial(jax.jit, static_argnames=("causal",))
-def _prefix_nll(graphdef, params, batch, col, causal):
-  from flax import nnx
-  model = nnx.merge(graphdef, params)
-  cols = jnp.arange(batch.inputs.shape[1])[None, :]
-  km = batch.key_mask & (cols <= col)
-  logits = model(batch.inputs, key_mask=km, positions=batch.positions, causal=causal)
-  sel = (cols == col).astype(jnp.float32) * batch.loss_mask
-  nll, _, _ = losses.per_token_nll(logits, batch.targets, sel)
-  correct = ((jnp.argmax(logits, -1) == batch.targets) * sel).sum()
-  return nll.sum(), sel.sum(), correct
-
-
-def prefix_recompute_eval(state, batches) -> dict:
-  """Token-mean loss where each target is predicted from its prefix alone."""
-  nll = tokens = correct = 0.0
-  for b in batches:
-    for col in range(b.inputs.shape[1]):
-      n, t, c = jax.device_get(_prefix_nll(state.graphdef, state.params, b, col,
-                                           causal=state.causal))
-      nll, tokens, correct = nll + float(n), tokens + float(t), correct + float(c)
-  loss = nll / tokens if tokens else 0.0
-  return {"loss": loss, "ppl": math.exp(loss), "accuracy": correct / tokens if tokens else 0.0,
-          "num_tokens": tokens}
-
-
-def length_buckets(state, split, *, pad_id: int, batch_size: int) -> dict:
-  """Teacher-forced loss/PPL/accuracy per sequence length (tokens incl. bos/eos)."""
-  from lmmask import train
-  lengths = (split.ids != pad_id).sum(axis=1)
-  out = {}
-  for n in sorted(set(lengths.tolist())):
-    rows = np.nonzero(lengths == n)[0]
-    sub = pipeline.Split(ids=split.ids[rows], english=split.english[rows],
-                         examples=tuple(split.examples[i] for i in rows))
-    m = train.evaluate(state, pipeline.eval_batches(sub, batch_size=batch_size, pad_id=pad_id))
-    out[str(n)] = {"num_seqs": int(len(rows)), **m}
-  return out
-
-
-# ---------------------------------------------------------------------------
-# Hooks for train.py and launch.py.
-
-def verb_corpus(source):
-  """The VerbCorpus behind `source` (a VerbCorpus or a DataSource), or None."""
-  info = getattr(source, "info", source)
-  return info if isinstance(info, verbs.VerbCorpus) else None
-
-
-def results_extras(config, state, source, floor_monitor, results) -> dict:
-  """Extra keys for results.json: floor alarm, n-gram baseline, greedy exact match.
-
-  source: the verbs corpus or a DataSource; the baseline and exact match need the
-  verbs corpus and are skipped for other corpora.
-  """
+def results_extras(config, state, data, floor_monitor, results) -> dict:
+  """Extra keys for results.json: floor alarm and the corpus's own end-of-run extras."""
   floor_monitor.final_check(results["step"], results)  # covers a resume with no new steps
   out = dict(floor_monitor.results())
-  corpus = verb_corpus(source)
-  if corpus is None:
-    return out
-  out.update(ngram.baseline_results(config, corpus))
-  ev = eval_settings(config)
-  if ev.exact_match_at_end:
-    em = exact_match(state, corpus, direction=ev.direction, max_new_tokens=ev.max_new_tokens,
-                     num_examples=0)
-    for k in ("exact_match", "exact_match_regular", "exact_match_irregular",
-              "over_regularised", "over_regularisable"):
-      out[f"val_{k}"] = em[k]
+  out.update(_extras(data).results_extras(config, state, data))
   return out
 
 
-def load_state(workdir: str, step: int | None = None, which: str = "latest"):
-  """(config, corpus, train_split, val_split, state, step) from a workdir's checkpoint."""
-  from lmmask import train
-  config = ConfigDict(ckpt.load_saved_config(workdir))
-  if config.data.get("corpus", "verbs") != "verbs":
-    raise ValueError(f"{workdir} trains on corpus {config.data.corpus!r}; exact match, "
-                     f"generate and audit support the verbs corpus only")
-  train.setup_jax_cache(config.train.jax_cache_dir)
-  corpus, train_split, val_split = train.load_verb_data(config)
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                   vocab_size=len(corpus.vocab))
-  sub = ckpt.CKPT_DIR if which == "latest" else ckpt.BEST_DIR
-  if not os.path.isdir(os.path.join(workdir, sub)):
-    raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
-  mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False)
-  try:
-    restored, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
-  finally:
-    mngr.close()
-  return config, corpus, train_split, val_split, state.replace_from_tree(tree), restored
+def entropy_floor(config, data) -> dict:
+  """The floor of the training documents where affordable, else why not."""
+  train = data.info.get("train") if isinstance(data.info, dict) else None
+  train = getattr(train, "shards", train)  # text: the windows' documents
+  if train is None or not hasattr(train, "doc"):
+    return {"entropy_floor": None, "entropy_floor_reason": "the corpus keeps no documents"}
+  total = sum(int(n) for n in train.doc_lengths())
+  cap = config.eval.floor_max_tokens
+  if total > cap:
+    return {"entropy_floor": None, "entropy_floor_reason":
+            f"unavailable: the training set has {total} tokens, more than "
+            f"eval.floor_max_tokens={cap} (the floor needs a trie of every prefix)"}
+  docs = [[int(t) for t in train.doc(i)[0]] for i in range(len(train))]
+  return {"entropy_floor": floor_lib.entropy_floor(docs)}
 
 
-def evaluate_extras(workdir: str, step: int | None = None, which: str = "latest") -> dict:
-  """Everything `launch.py --mode=eval` adds to the standard evaluation."""
-  config, corpus, train_split, val_split, state, _ = load_state(workdir, step, which)
-  ev = eval_settings(config)
-  pad = corpus.vocab.pad_id
-  bs = config.data.eval_batch_size
-  out = {"entropy_floor": floor_lib.entropy_floor([e.ids for e in corpus.train])}
-  out.update(ngram.baseline_results(config, corpus))
-  out["val_by_length"] = length_buckets(state, val_split, pad_id=pad, batch_size=bs)
-  inf = prefix_recompute_eval(state, pipeline.eval_batches(val_split, batch_size=bs,
-                                                           pad_id=pad))
-  out.update({f"val_inference_mode_{k}": v for k, v in inf.items() if k != "num_tokens"})
-  out["exact_match"] = exact_match(state, corpus, direction=ev.direction,
-                                   max_new_tokens=ev.max_new_tokens,
-                                   num_examples=ev.num_examples)
-  out["exact_match"].pop("rows")
+def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest", *,
+                        config=None, extras: bool = False, temperature: float = 0.0,
+                        sample_seed: int = 0) -> dict:
+  """Restore a workdir's checkpoint (its saved config unless `config` is given) and
+  evaluate it on every eval set; with extras=True add the corpus's own extras."""
+  config, data, state, restored = wd.restore_state(workdir, which, step, config=config)
+  out = {"step": restored, **step_lib.run_evals(state, data.eval_sets())}
+  if extras:
+    out["corpus"] = data.name
+    more = _extras(data).checkpoint_extras(config, state, data, temperature=temperature,
+                                           sample_seed=sample_seed)
+    if "entropy_floor" not in more:
+      more.update(entropy_floor(config, data))
+    out["extras"] = more
   return out
 
 
-def format_report(metrics: dict, extras: dict) -> str:
-  """Model vs baseline table, floor, length buckets, exact match and examples."""
-  lines = ["", f"{'':22s} {'model':>10s} {'ngram':>10s}"]
-  for split in ("train", "val", "val_english"):
-    for kind in ("loss", "ppl"):
-      m = metrics.get(f"{split}_{kind}")
-      b = extras.get(f"baseline_{split}_{kind}")
-      if m is not None and b is not None:
-        lines.append(f"  {split + '_' + kind:20s} {m:10.4f} {b:10.4f}")
-  lines.append(f"  (n-gram: n={extras.get('baseline_ngram_n')}, "
-               f"k={extras.get('baseline_ngram_k')}, same counted tokens)")
-  if "entropy_floor" in extras:
-    tl = metrics.get("train_loss")
-    note = ""
-    if tl is not None:
-      note = ("   BELOW THE FLOOR: the model sees the future" if tl < extras["entropy_floor"]
-              - 0.01 else "   (train_loss - floor = %.4f)" % (tl - extras["entropy_floor"]))
-    lines.append(f"  entropy floor (train) {extras['entropy_floor']:.4f}{note}")
-  if "val_inference_mode_loss" in extras:
-    lines.append(f"  val loss, each prefix recomputed (inference mode): "
-                 f"{extras['val_inference_mode_loss']:.4f} "
-                 f"(PPL {extras['val_inference_mode_ppl']:.3f})")
-  if "val_by_length" in extras:
-    lines.append("  val by sequence length:  len  n   loss    ppl   acc")
-    for n, m in extras["val_by_length"].items():
-      lines.append(f"  {'':24s}{n:>3s} {m['num_seqs']:3d} {m['loss']:6.3f} {m['ppl']:6.3f} "
-                   f"{m['accuracy']:5.3f}")
-  em = extras.get("exact_match")
-  if em:
-    def pct(x):
-      return "n/a" if x is None else f"{100 * x:.1f}%"
-    lines.append(f"  exact match ({em['direction']}, greedy, {em['num_prompts']} prompts): "
-                 f"{pct(em['exact_match'])}  regular {pct(em['exact_match_regular'])} "
-                 f"(n={em['num_regular']})  irregular {pct(em['exact_match_irregular'])} "
-                 f"(n={em['num_irregular']})")
-    if em["over_regularised"] is not None:
-      lines.append(f"  over-regularised answers: {em['over_regularised']} of "
-                   f"{em['over_regularisable']} forms where the regular rule is wrong")
-    lines.append("  examples (wrong ones first, then correct ones):")
-    for r in em["examples"]:
-      mark = "ok " if r["correct"] else ("OVR" if r["over_regularised"] else "BAD")
-      lines.append(f"    [{mark}] {r['prompt']:28s} -> {r['completion']!r:28s} "
-                   f"ref {r['reference']!r}")
-  return "\n".join(lines)
+def format_report(results: dict) -> str:
+  """The corpus's extras as text (the teacher-forced numbers are printed by launch)."""
+  extras = results.get("extras")
+  if not extras:
+    return ""
+  text = EXTRAS[results["corpus"]].format_extras(results, extras)
+  if results["corpus"] != "verbs":
+    if extras.get("entropy_floor") is not None:
+      text += f"\n  entropy floor (train) {extras['entropy_floor']:.4f}"
+    else:
+      text += f"\n  entropy floor: {extras.get('entropy_floor_reason')}"
+  return text
+
+
+def prompt_ids(data, prompt: str, *, chat: bool = False) -> list[int]:
+  """A prompt's ids: <bos> + the workdir tokenizer's encoding, or for chat models a
+  rendered user turn followed by the assistant's opening tag."""
+  tok = data.tokenizer
+  if chat:
+    if not eval_chat.is_chat(tok):
+      raise ValueError("--chat needs a chat model (a workdir trained on chat shards); this "
+                       "one has no role tags: drop --chat")
+    return eval_chat.chat_prompt(tok, prompt)
+  text = prompt.strip()
+  bos = getattr(tok, "bos_token", "<bos>")
+  if text.startswith(bos):
+    text = text[len(bos):]
+  ids = tok.encode(text.strip())
+  if not ids:
+    raise ValueError(f"prompt {prompt!r} is empty after encoding; give some text, e.g. "
+                     f"'yo como /' for the verbs corpus")
+  return [tok.bos_id] + ids
 
 
 def generate_text(workdir: str, prompts, *, step=None, which: str = "latest",
                   max_new_tokens: int = 8, temperature: float = 0.0, top_k=None, top_p=None,
-                  seed: int = 0):
-  """[(prompt, completion)] from a workdir's checkpoint; <bos> is added to each prompt."""
-  _, corpus, _, _, state, _ = load_state(workdir, step, which)
-  v = corpus.vocab
-  ids = []
-  for p in prompts:
-    words = [w for w in p.split() if w != verbs.BOS]
-    if not words:
-      raise ValueError(f"prompt {p!r} is empty; give at least one word, e.g. 'yo como /'")
-    unknown = [w for w in words if w not in v.tokens]
-    if unknown:
-      raise ValueError(f"prompt {p!r} has words outside the vocabulary: {unknown}")
-    ids.append([v.bos_id] + [v.id(w) for w in words])
+                  seed: int = 0, chat: bool = False):
+  """[(prompt, completion)] from a workdir's checkpoint, encoded with its own tokenizer."""
+  _, data, state, _ = wd.restore_state(workdir, which, step)
+  tok = data.tokenizer
+  ids = [prompt_ids(data, p, chat=chat) for p in prompts]
+  stop = tok.end_id if chat else tok.eos_id
   rng = jax.random.PRNGKey(seed) if temperature > 0 else None
   gen = decode.generate(state, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, rng=rng, eos_id=v.eos_id, pad_id=v.pad_id)
+                        top_k=top_k, top_p=top_p, rng=rng, eos_id=stop, pad_id=tok.pad_id)
   out = []
   for p, toks in zip(prompts, gen.tokens):
-    text = v.decode(decode.strip_after_eos(toks, eos_id=v.eos_id, pad_id=v.pad_id),
-                    strip_special=False)
-    if v.eos_id not in toks.tolist():
-      text += f"  [no <eos> within {max_new_tokens} tokens]"
+    text = tok.decode(decode.strip_after_eos(toks, eos_id=stop, pad_id=tok.pad_id))
+    if stop not in toks.tolist():
+      text += f"  [no end token within {max_new_tokens} tokens]"
     out.append((p, text))
   return out

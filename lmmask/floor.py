@@ -76,8 +76,7 @@ class FloorMonitor:
   def __init__(self, config, source, workdir: str | None = None):
     """source: the verbs corpus (or a DataSource whose `info` is one). For corpora
     without whole training sequences (e.g. text windows) the monitor is disabled."""
-    ev = config.get("eval", None)
-    self.tolerance = float(ev.floor_tolerance) if ev is not None else 0.01
+    self.tolerance = float(config.eval.floor_tolerance)
     if self.tolerance < 0:
       raise ValueError(f"config.eval.floor_tolerance must be >= 0, got {self.tolerance}")
     info = getattr(source, "info", source)

@@ -68,9 +68,7 @@ def _english_masks(examples):
 
 def baseline_results(config, corpus) -> dict:
   """Baseline loss/PPL on train, val and val_english, keyed like the model's results."""
-  b = config.get("baseline", None)
-  n = b.ngram_n if b is not None else 3
-  k = b.ngram_k if b is not None else 0.1
+  n, k = config.baseline.ngram_n, config.baseline.ngram_k
   v = corpus.vocab
   model = AddKNgram([e.ids for e in corpus.train], n=n, k=k, vocab_size=len(v),
                     bos_id=v.bos_id, pad_id=v.pad_id)

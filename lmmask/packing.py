@@ -11,6 +11,13 @@ documents in it and 0 on padding. From these two facts (`batch_from_packed`):
 Each document of n tokens therefore contributes exactly the n - 1 targets it has
 when run alone in its own row, with the same positions and the same context,
 so its logits and losses are those of the unpacked run.
+
+Two row-assembly policies share that row layout (`fill_rows`) and shift
+(`batching.batch_from_segments`), both chosen by the one knob ``data.packing``:
+  * `first_fit` (verbs): whole documents drawn for a step, longest first, each into
+    the first row with room; what fits nowhere is skipped for that step;
+  * `greedy_rows` (text): windows in stream order, a new row whenever the next one
+    does not fit (or always, without packing), so every window is used once.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from lmmask.batching import Batch, _check_ids, batch_from_segments
+from lmmask.data.pipeline import batch_indices
 
 
 def first_fit(lengths: Sequence[int], length: int, rows: int | None = None):
@@ -50,6 +58,46 @@ def first_fit(lengths: Sequence[int], length: int, rows: int | None = None):
   return assigned, sorted(dropped)
 
 
+def greedy_rows(lengths: Sequence[int], length: int, pack: bool) -> list[list[int]]:
+  """Rows of piece indices in stream order: a new row when the next piece does not
+  fit in `length` tokens, or for every piece when not `pack`."""
+  rows, cur, used = [], [], 0
+  for w, n in enumerate(lengths):
+    if cur and (not pack or used + n > length):
+      rows.append(cur)
+      cur, used = [], 0
+    cur.append(w)
+    used += int(n)
+  if cur:
+    rows.append(cur)
+  return rows
+
+
+def fill_rows(rows, *, length: int, pad_id: int, pad_side: str = "right", dtype=np.int32,
+              with_mask: bool = False):
+  """(ids, segment_ids, token_mask) arrays (R, length) from rows of pieces.
+
+  Each row is a list of token arrays, or of (tokens, mask) pairs with `with_mask`;
+  piece s of a row gets segment id s (1-based), padding 0. Rows are right-padded,
+  or left-padded (the pieces end at the row's end) with pad_side="left". The
+  token mask (uint8, 0 on padding) is None without `with_mask`.
+  """
+  ids = np.full((len(rows), length), pad_id, dtype)
+  seg = np.zeros((len(rows), length), np.int32)
+  tlm = np.zeros((len(rows), length), np.uint8) if with_mask else None
+  for r, pieces in enumerate(rows):
+    toks = [p[0] if with_mask else p for p in pieces]
+    at = length - sum(len(t) for t in toks) if pad_side == "left" else 0
+    for s, (t, p) in enumerate(zip(toks, pieces), start=1):
+      n = len(t)
+      ids[r, at:at + n] = t
+      seg[r, at:at + n] = s
+      if with_mask:
+        tlm[r, at:at + n] = p[1]
+      at += n
+  return ids, seg, tlm
+
+
 def pack_documents(docs: Sequence[Sequence[int]], *, length: int, pad_id: int,
                    rows: int | None = None):
   """(ids, segment_ids, dropped): (R, length) int32 arrays of packed documents."""
@@ -59,16 +107,10 @@ def pack_documents(docs: Sequence[Sequence[int]], *, length: int, pad_id: int,
     if pad_id in d:
       raise ValueError(f"document {i} contains pad_id={pad_id}; pass unpadded documents")
   assignment, dropped = first_fit([len(d) for d in docs], length, rows)
-  n_rows = len(assignment) if rows is None else rows
-  ids = np.full((n_rows, length), pad_id, np.int32)
-  seg = np.zeros((n_rows, length), np.int32)
-  for r, doc_ids in enumerate(assignment):
-    at = 0
-    for s, i in enumerate(doc_ids, start=1):
-      n = len(docs[i])
-      ids[r, at:at + n] = docs[i]
-      seg[r, at:at + n] = s
-      at += n
+  if rows is not None:  # rows left empty are all padding
+    assignment = assignment + [[]] * (rows - len(assignment))
+  ids, seg, _ = fill_rows([[docs[i] for i in r] for r in assignment], length=length,
+                          pad_id=pad_id)
   return ids, seg, dropped
 
 
@@ -84,7 +126,7 @@ def batch_from_packed(ids, segment_ids, *, pad_id: int, vocab_size: int | None =
     raise ValueError("segment_ids must be 0 exactly on pad tokens (and pad_id must not "
                      "appear inside a document)")
   # The shift itself (targets, loss mask, positions restarting per segment) is
-  # batching.batch_from_segments, shared with the text corpus's packing.
+  # batching.batch_from_segments, shared with the text corpus's rows.
   return batch_from_segments(ids, seg, vocab_size=vocab_size)
 
 
@@ -97,13 +139,12 @@ def pack_batch(docs, *, length: int, pad_id: int, rows: int | None = None,
 
 def train_batch(split, *, step: int, batch_size: int, seed: int, pad_id: int,
                 docs_per_row: int):
-  """A packed training batch of `batch_size` rows, a pure function of (seed, step).
+  """A packed verbs training batch of `batch_size` rows, a pure function of (seed, step).
 
   Step s takes the next batch_size * docs_per_row documents of the per-epoch
   shuffled stream (the unpacked pipeline's order) and packs them; documents that
   do not fit are skipped this epoch (returned as a count).
   """
-  from lmmask.data.pipeline import batch_indices
   idx = batch_indices(len(split), batch_size * docs_per_row, step, seed)
   docs = [list(split.examples[i].ids) for i in idx]
   batch, dropped = pack_batch(docs, length=split.ids.shape[1], pad_id=pad_id, rows=batch_size)

@@ -23,14 +23,15 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")   # the batch row axis is split over both mesh axes
 
 # Logical axes of every parameter, keyed by (module name, parameter name).
 # A kernel of nnx.Linear is (in, out); an embedding table is (rows, features).
-# The decoder options (issue 9) need no more entries: the SwiGLU gate and up
+# The decoder options need no more entries: the SwiGLU gate and up
 # projections are the two halves of the fc1 kernel (embed, mlp); grouped-query
 # attention only narrows the qkv output; a tied LM head reuses `embed`; rope has
 # no pos_embed; LayerNorm / RMSNorm scales and biases are vectors, replicated.
@@ -87,10 +88,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence | None = None) ->
 
 
 def mesh_from_config(config) -> Mesh:
-  m = config.get("mesh") if hasattr(config, "get") else None
-  if m is None:
-    return make_mesh(-1, 1)
-  return make_mesh(m.data, m.fsdp)
+  return make_mesh(config.mesh.data, config.mesh.fsdp)
 
 
 # ---------------------------------------------------------------------------
@@ -243,3 +241,10 @@ def put_batch(local_batch, mesh: Mesh, batch_size: int):
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(sh, x, (batch_size,) + x.shape[1:])
   return jax.tree.map(one, local_batch)
+
+
+def setup_jax_cache(path: str):
+  """The persistent compilation cache (train.jax_cache_dir; "" disables)."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

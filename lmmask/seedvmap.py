@@ -4,11 +4,11 @@ For tiny models a training step costs less than its dispatch and a compile costs
 more than the whole run, so a sweep with many seeds and learning rates spends most
 of its time in per-run overhead (tracing, compiling, checkpointing).
 `train_seed_group` takes configs that differ only in `seed` and `optim.lr`, stacks
-their train states, and runs `jax.vmap(train.train_step)` once per step with each
-run's own batches (the same `pipeline.train_batch(seed=...)` stream a normal run
+their train states, and runs `jax.vmap(step_lib.train_step)` once per step with each
+run's own batches (the same `DataSource.train_batch` stream a normal run
 sees) and its own dropout keys.
 
-The learning rate becomes data: every optimizer in lmmask.schedules is linear in
+The learning rate becomes data: every optimizer in lmmask.optim is linear in
 its peak lr (warmup, cosine/linear/constant decay all scale with it; clipping
 comes before it), so the library's optimizer is built with peak lr 1 and its
 update is multiplied by the run's lr, held in the optimizer state. This equals
@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-
 from typing import NamedTuple
 
 import jax
@@ -34,19 +33,20 @@ import numpy as np
 import optax
 
 from lmmask import checkpoint as ckpt
-from lmmask import train
-from lmmask.data import pipeline
+from lmmask import config as config_lib
+from lmmask import parallel, train
+from lmmask import step as step_lib
+from lmmask import workdir as wd
+from lmmask.data import registry
 from lmmask.model import count_params
-
 
 VARYING = ("seed", "optim.lr")  # the fields that may differ within a group
 
 
 def _same_but_seed(configs):
-  ref = ckpt.config_to_dict(configs[0])
+  ref = config_lib.flatten(configs[0])
   for c in configs[1:]:
-    diff = [k for k, _, _ in ckpt.config_diff(ref, ckpt.config_to_dict(c), ignore=())
-            if k not in VARYING]
+    diff = [k for k, v in config_lib.flatten(c).items() if k not in VARYING and ref.get(k) != v]
     if diff:
       raise ValueError(f"train_seed_group needs configs that differ only in "
                        f"{' and '.join(VARYING)}; these fields differ too: {diff}")
@@ -72,7 +72,7 @@ def _unit_lr_state(config, vocab_size):
   """The library's train state for `config` with peak lr 1, times a stored lr."""
   unit = config.copy_and_resolve_references()
   unit.optim.lr = 1.0
-  s = train.create_train_state(unit, jax.random.PRNGKey(config.seed), vocab_size=vocab_size)
+  s = step_lib.create_train_state(unit, jax.random.PRNGKey(config.seed), vocab_size=vocab_size)
   tx = optax.chain(s.tx, _scale_by_state_lr())
   lr = float(config.optim.lr)
   # s.schedule stays the unit-lr one; logged lrs are multiplied by the run's lr.
@@ -89,28 +89,29 @@ def train_seed_group(configs, workdirs, log=print) -> list[dict]:
   if len(configs) != len(workdirs) or not configs:
     raise ValueError("give one workdir per config (and at least one config)")
   for c in configs:
-    train.validate_config(c)
+    config_lib.validate(c)
   _same_but_seed(configs)
   c0 = configs[0]
-  train.setup_jax_cache(c0.train.jax_cache_dir)
+  parallel.setup_jax_cache(c0.train.jax_cache_dir)
   for c, w in zip(configs, workdirs):
     if os.path.isdir(os.path.join(w, ckpt.CKPT_DIR)):
       raise ValueError(f"{w} holds checkpoints of a normal run; resume it with "
                        f"train.train_and_evaluate instead of the vmapped path")
     os.makedirs(w, exist_ok=True)
-    if ckpt.claim_workdir(w, ckpt.config_to_dict(c)):
-      ckpt.atomic_write_json(os.path.join(w, ckpt.CONFIG_FILE), ckpt.config_to_dict(c))
-    open(os.path.join(w, "metrics.jsonl"), "w").close()  # a rerun starts from step 0
+    if wd.claim(w, config_lib.to_dict(c)):
+      wd.atomic_write_json(os.path.join(w, wd.CONFIG_FILE), config_lib.to_dict(c))
+    open(os.path.join(w, wd.METRICS_FILE), "w").close()  # a rerun starts from step 0
 
-  corpus, train_split, val_split = train.load_verb_data(c0)
-  pad_id = corpus.vocab.pad_id
-  states = [_unit_lr_state(c, len(corpus.vocab)) for c in configs]
+  # Each seed's own data stream: batches are a pure function of (seed, step).
+  sources = [registry.load(c, w) for c, w in zip(configs, workdirs)]
+  vocab_size = sources[0].vocab_size
+  states = [_unit_lr_state(c, vocab_size) for c in configs]
   s0 = states[0]
   states = [s.replace(graphdef=s0.graphdef, tx=s0.tx, schedule=s0.schedule) for s in states]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
   del states
-  eval_sets = train.build_eval_sets(c0, train_split, val_split, pad_id)
-  step_fn = jax.jit(jax.vmap(train.train_step), donate_argnums=0)
+  eval_sets = sources[0].eval_sets()  # eval sets do not depend on the seed
+  step_fn = jax.jit(jax.vmap(step_lib.train_step), donate_argnums=0)
   n = len(configs)
   unstack = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
   logs = [open(os.path.join(w, "metrics.jsonl"), "a") for w in workdirs]
@@ -121,12 +122,11 @@ def train_seed_group(configs, workdirs, log=print) -> list[dict]:
   t0 = time.perf_counter()
   try:
     for step in range(total):
-      bs = [pipeline.train_batch(train_split, step=step, batch_size=c0.data.batch_size,
-                                 seed=c.seed, pad_id=pad_id) for c in configs]
+      bs = [src.train_batch(step) for src in sources]
       batch = jax.tree.map(lambda *xs: np.stack(xs), *bs)
       stacked, metrics = step_fn(stacked, batch)
       done = step + 1
-      if train._is_due(done, t.log_every, total):
+      if train.is_due(done, t.log_every, total):
         m = jax.device_get(metrics)
         for i, c in enumerate(configs):
           diverged[i] |= not (np.isfinite(m["loss"][i]) and np.isfinite(m["grad_norm"][i]))
@@ -137,11 +137,11 @@ def train_seed_group(configs, workdirs, log=print) -> list[dict]:
         if diverged.all():
           log(f"  all {n} seeds diverged by step {done}; stopping early")
           break
-      if train._is_due(done, t.eval_every, total):
+      if train.is_due(done, t.eval_every, total):
         for i in range(n):
           if diverged[i]:
             continue
-          ev = train.run_evals(unstack(stacked, i), eval_sets)
+          ev = step_lib.run_evals(unstack(stacked, i), eval_sets)
           logs[i].write(json.dumps({"step": done, "kind": "eval", **ev}) + "\n")
           if ev["val_loss"] < best_val[i]:
             best_val[i], best_step[i] = ev["val_loss"], done
@@ -155,13 +155,13 @@ def train_seed_group(configs, workdirs, log=print) -> list[dict]:
     if diverged[i]:
       ev = _nan_results()
     else:
-      ev = train.run_evals(unstack(stacked, i), eval_sets)
+      ev = step_lib.run_evals(unstack(stacked, i), eval_sets)
       diverged[i] = not np.isfinite(ev["train_loss"])
     res = {"step": total, **ev, "best_val_loss": best_val[i], "best_step": best_step[i],
            "num_params": num_params, "steps_per_sec": total / elapsed / n,
            "train_seconds": elapsed / n, "split": c.data.split,
            "reduction": c.loss.reduction, "causal": bool(c.model.causal),
            "diverged": bool(diverged[i]), "runner": f"seedvmap x{n}"}
-    ckpt.atomic_write_json(os.path.join(w, "results.json"), res)
+    wd.atomic_write_json(os.path.join(w, wd.RESULTS_FILE), res)
     out.append(res)
   return out

@@ -31,15 +31,15 @@ collects what they wrote.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
 import re
 import shlex
 
-from lmmask import checkpoint as ckpt
+from lmmask import config as config_lib
 from lmmask import report, seedvmap, train
+from lmmask import workdir as wd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = "sweep.json"
@@ -68,42 +68,11 @@ def resolve_path(path: str) -> str:
 
 
 def load_config_file(spec: str):
-  """`get_config(arg)` of a config file given as "path.py[:arg]"."""
-  path, _, arg = spec.partition(":")
-  path = resolve_path(path)
-  name = "lmmask_cfg_" + _SAFE.sub("_", os.path.abspath(path))
-  mod_spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  if not hasattr(mod, "get_config"):
-    raise ValueError(f"{path} has no get_config(); it is not a config file")
-  return mod.get_config(arg) if arg else mod.get_config()
+  """`get_config(arg)` of a config file given as "path.py[:arg]" (path as given, or
+  relative to the repo root)."""
+  path, sep, arg = spec.partition(":")
+  return config_lib.load_file(resolve_path(path) + sep + arg)
 
-
-def apply_overrides(config, overrides: dict):
-  """Set dotted keys in a copy of `config`; every key must already exist."""
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    node, parts = config, key.split(".")
-    for i, p in enumerate(parts):
-      if not hasattr(node, "keys") or p not in node:
-        where = ".".join(parts[:i]) or "the config"
-        valid = sorted(node.keys()) if hasattr(node, "keys") else []
-        raise ValueError(f"sweep override {key!r}: {where} has no field {p!r}; valid: {valid}")
-      if i < len(parts) - 1:
-        node = node[p]
-    if hasattr(node[parts[-1]], "keys"):
-      raise ValueError(f"sweep override {key!r} names a section, not a field; "
-                       f"override its fields, e.g. {key}.{sorted(node[parts[-1]].keys())[0]}")
-    try:
-      node[parts[-1]] = value
-    except TypeError as e:
-      raise ValueError(f"sweep override {key}={value!r} has the wrong type: {e}") from None
-  return config
-
-
-# ---------------------------------------------------------------------------
-# Expansion and naming.
 
 def _flag_value(value) -> str:
   """A value as a launch.py flag takes it (floats round-trip exactly)."""
@@ -126,7 +95,7 @@ def point_name(overrides: dict, short: dict | None = None) -> str:
 
 
 def _grid_axes(sweep) -> list[tuple[str, list]]:
-  grid = ckpt.flatten(sweep.grid) if sweep.get("grid") is not None else {}
+  grid = config_lib.flatten(sweep.grid) if sweep.get("grid") is not None else {}
   axes = []
   for key in sorted(grid):
     values = grid[key]
@@ -169,7 +138,7 @@ def expand(sweep) -> list[Point]:
 
 
 def fixed_overrides(sweep) -> dict:
-  return ckpt.flatten(sweep.fixed) if sweep.get("fixed") is not None else {}
+  return config_lib.flatten(sweep.fixed) if sweep.get("fixed") is not None else {}
 
 
 def check_sweep(sweep):
@@ -182,7 +151,7 @@ def check_sweep(sweep):
 def point_config(sweep, point: Point, base=None):
   """The full experiment config of one point: base file + fixed + point overrides."""
   base = load_config_file(sweep.base) if base is None else base
-  return apply_overrides(base, {**fixed_overrides(sweep), **point.overrides})
+  return config_lib.apply_overrides(base, {**fixed_overrides(sweep), **point.overrides})
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +166,7 @@ def _manifest(sweep, points) -> dict:
 
 def write_manifest(sweep, points, workdir):
   os.makedirs(workdir, exist_ok=True)
-  ckpt.atomic_write_json(os.path.join(workdir, MANIFEST), _manifest(sweep, points))
+  wd.atomic_write_json(os.path.join(workdir, MANIFEST), _manifest(sweep, points))
 
 
 def point_status(config, point_dir: str) -> str:
@@ -205,12 +174,12 @@ def point_status(config, point_dir: str) -> str:
 
   Raises ValueError if the directory holds a different experiment.
   """
-  cfg_path = os.path.join(point_dir, ckpt.CONFIG_FILE)
+  cfg_path = os.path.join(point_dir, wd.CONFIG_FILE)
   if not os.path.exists(cfg_path):
     return "new"
   with open(cfg_path) as f:
     saved = json.load(f)
-  diff = ckpt.config_diff(saved, ckpt.config_to_dict(config))
+  diff = config_lib.identity_diff(saved, config_lib.to_dict(config))
   if diff:
     lines = "\n".join(f"  {k}: saved={a!r} now={b!r}" for k, a, b in diff)
     raise ValueError(f"sweep point {point_dir} holds a different experiment:\n{lines}\n"

@@ -1,5 +1,7 @@
 """Shared fixtures: one tiny config, one persistent compilation cache."""
+import json
 import os
+import shutil
 
 # A persistent XLA cache shared by every test process (and subprocess), so the
 # suite compiles each distinct program once per machine, not once per test.
@@ -8,6 +10,9 @@ _CACHE = os.environ.setdefault(
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from lmmask import config as config_lib  # noqa: E402
+from lmmask import train  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -18,21 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(name="verbs.py", arg="tiny", **overrides):
   """configs/<name>:<arg> for tests (no progress bar, the test cache), with dotted-key
   overrides such as ``**{"optim.lr": 1e-3}``."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "config_" + name.replace(".", "_"), os.path.join(REPO, "configs", name))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = config_lib.load_file(os.path.join(REPO, "configs", name) + (f":{arg}" if arg else ""))
   c.train.progress_bar = False
   c.train.jax_cache_dir = _CACHE
-  for key, value in overrides.items():
-    node = c
-    parts = key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = value
-  return c
+  return config_lib.apply_overrides(c, overrides)
 
 
 def tiny_config(**overrides):
@@ -49,7 +43,52 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """One tiny training run shared by every test that only needs a trained workdir."""
-  from lmmask import train
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   results = train.train_and_evaluate(tiny_config(), workdir)
   return workdir, results
+
+
+PINNED = os.path.join(REPO, "tests", "fixtures", "pinned")
+LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy")
+LEGACY_PREFIX = "/tmp/fx/legacy"  # where tests/fixtures/legacy/MAKE.sh wrote the fixtures
+
+
+def pinned_config(name):
+  """The exact config.json of a run recorded before the redesign (every width, step
+  count and device count explicit, so later default changes cannot move it)."""
+  with open(os.path.join(PINNED, f"{name}_config.json")) as f:
+    c = config_lib.upgrade(json.load(f))
+  c.train.progress_bar = False
+  c.train.jax_cache_dir = _CACHE
+  return c
+
+
+@pytest.fixture(scope="session")
+def pinned_runs(tmp_path_factory):
+  """The pinned tiny verbs and text runs, trained once: {name: (workdir, results)}."""
+  out = {}
+  for name in ("verbs", "text"):
+    workdir = str(tmp_path_factory.mktemp(f"pinned_{name}"))
+    out[name] = (workdir, train.train_and_evaluate(pinned_config(name), workdir))
+  return out
+
+
+def copy_legacy(dest):
+  """tests/fixtures/legacy copied to `dest`, its absolute paths pointed there."""
+  shutil.copytree(LEGACY, dest)
+  for dirpath, _, names in os.walk(dest):
+    for n in names:
+      if n.endswith(".json"):
+        path = os.path.join(dirpath, n)
+        with open(path) as f:
+          text = f.read()
+        if LEGACY_PREFIX in text:
+          with open(path, "w") as f:
+            f.write(text.replace(LEGACY_PREFIX, str(dest)))
+  return str(dest)
+
+
+@pytest.fixture(scope="session")
+def legacy(tmp_path_factory):
+  """A session copy of the legacy workdirs (tests that write into them copy again)."""
+  return copy_legacy(tmp_path_factory.mktemp("legacy_session") / "legacy")

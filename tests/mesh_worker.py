@@ -1,6 +1,7 @@
 """Run by tests/test_mesh.py in a subprocess with 8 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8). Prints one JSON line of
 measured differences; the test decides pass/fail."""
+import dataclasses
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from conftest import tiny_config  # noqa: E402  (sets the shared compilation cac
 
 from lmmask import accumulate, parallel, train  # noqa: E402
 from lmmask import checkpoint as ckpt  # noqa: E402
+from lmmask import step as step_lib
 from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
 
 V, PAD, B, L = 40, 0, 32, 14
@@ -40,7 +42,7 @@ def main():
   config = tiny_config(**{"model.dropout": 0.0, "optim.name": "sgd", "optim.clip_norm": 0.0,
                           "optim.warmup_steps": 0, "optim.schedule": "constant",
                           "optim.lr": 0.5, "optim.weight_decay": 0.0})
-  base = train.create_train_state(config, jax.random.PRNGKey(0), vocab_size=V)
+  base = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=V)
   base_params = jax.device_get(base.params)  # host copy: the sharded step donates its input
   batch = skewed_batch()
   per_micro = [float(batch.loss_mask[i::4].sum()) for i in range(4)]
@@ -48,15 +50,15 @@ def main():
 
   def grads_fn(steps):
     def f(state, b):
-      logits_fn = lambda p, mb, r: train._forward(state, p, mb, deterministic=True)  # noqa
+      logits_fn = lambda p, mb, r: step_lib.forward(state, p, mb, deterministic=True)  # noqa
       loss, g, m = accumulate.loss_and_grads(logits_fn, state.params, b,
-                                             reduction=state.reduction, steps=steps)
+                                             reduction=state.options.reduction, steps=steps)
       return loss, g
     return f
 
   # Reference: one device, one batch.
   ref_loss, ref_g = jax.jit(grads_fn(1))(base, batch)
-  ref_state, ref_m = jax.jit(train.train_step)(base, batch)
+  ref_state, ref_m = jax.jit(step_lib.train_step)(base, batch)
   out["grads"] = {}
   for (d, f), steps in (((8, 1), 1), ((4, 2), 1), ((4, 2), 4)):
     mesh = parallel.make_mesh(d, f)
@@ -70,8 +72,8 @@ def main():
 
   # End to end: train_step on a 4 x 2 mesh with 4 accumulated micro-batches.
   mesh = parallel.make_mesh(4, 2)
-  st4 = base.replace(grad_accum_steps=4)
-  step = parallel.jit_train_step(train.train_step, st4, mesh)
+  st4 = base.replace(options=dataclasses.replace(base.options, grad_accum_steps=4))
+  step = parallel.jit_train_step(step_lib.train_step, st4, mesh)
   new, m = step(parallel.shard_state(st4, mesh), parallel.put_batch(batch, mesh, B))
   out["step"] = {"loss_rel": abs(float(m["loss"]) - float(ref_m["loss"])) / float(ref_m["loss"]),
                  "grad_norm_rel": abs(float(m["grad_norm"]) - float(ref_m["grad_norm"]))

@@ -22,9 +22,11 @@ import pytest
 from conftest import REPO, tiny_config
 from ml_collections import ConfigDict
 
-from lmmask import batching
+from lmmask import batching, evaluation, train
 from lmmask import checkpoint as ckpt
-from lmmask import train
+from lmmask import config as config_lib
+from lmmask import step as step_lib
+from lmmask import workdir as workdir_lib
 from lmmask.data import pipeline, verbs
 
 
@@ -89,7 +91,7 @@ def _from_dict(**changes):
 
 def _other_shape(ctx):
   other = tiny_config(**{"model.d_model": 48})
-  state = train.create_train_state(other, jax.random.PRNGKey(0),
+  state = step_lib.create_train_state(other, jax.random.PRNGKey(0),
                                    vocab_size=len(verbs.build_vocab()))
   ctx.watch = ctx.run_dir
   mngr = ckpt.manager(ctx.run_dir, ckpt.CKPT_DIR, 2, create=False)
@@ -99,18 +101,18 @@ def _other_shape(ctx):
 def _eval_no_ckpt(ctx):
   wd = ctx.new
   os.makedirs(wd)
-  ckpt.atomic_write_json(os.path.join(wd, ckpt.CONFIG_FILE), ckpt.config_to_dict(tiny_config()))
-  return lambda: train.evaluate_checkpoint(wd)
+  workdir_lib.atomic_write_json(os.path.join(wd, workdir_lib.CONFIG_FILE), config_lib.to_dict(tiny_config()))
+  return lambda: evaluation.evaluate_checkpoint(wd)
 
 
 def _eval_empty_dir(ctx):
   os.makedirs(ctx.new)
-  return lambda: train.evaluate_checkpoint(ctx.watch)
+  return lambda: evaluation.evaluate_checkpoint(ctx.watch)
 
 
 def _ckpts_without_config(ctx):
   wd = ctx.copy_run()
-  os.remove(os.path.join(wd, ckpt.CONFIG_FILE))
+  os.remove(os.path.join(wd, workdir_lib.CONFIG_FILE))
   return lambda: train.train_and_evaluate(tiny_config(), wd)
 
 
@@ -156,7 +158,7 @@ def _damage_all(wd):
 def _eval_all_damaged(ctx):
   wd = ctx.copy_run()
   _damage_all(wd)
-  return lambda: train.evaluate_checkpoint(wd)
+  return lambda: evaluation.evaluate_checkpoint(wd)
 
 
 def _train_all_damaged(ctx):
@@ -189,7 +191,7 @@ CASES = [
                              "--config.train.steps=abc")),
     Case("config_variant_typo", LaunchExit, ("unknown variant 'splt'", "split"),
          lambda ctx: _launch("--config=configs/verbs.py:splt=tense", f"--workdir={ctx.new}")),
-    Case("wrong_type_assignment", TypeError, ("'lr'", "cannot be casted", "float"),
+    Case("wrong_type_assignment", ValueError, ("'lr'", "cannot be casted", "float"),
          lambda ctx: lambda: tiny_config(**{"optim.lr": "fast"})),
     Case("wrong_type_in_config_file", ValueError,
          ("config.data.batch_size", "must be a positive int", "'32'"),
@@ -254,7 +256,7 @@ CASES = [
     Case("eval_without_checkpoints", FileNotFoundError, ("no checkpoints in", "train first"),
          _eval_no_ckpt),
     Case("eval_missing_step", FileNotFoundError, ("no checkpoint for step 7", "[10, 20]"),
-         lambda ctx: lambda: train.evaluate_checkpoint(ctx.run_dir, step=7)),
+         lambda ctx: lambda: evaluation.evaluate_checkpoint(ctx.run_dir, step=7)),
     Case("resume_required_without_checkpoints", FileNotFoundError,
          ("train.resume='require'", "no checkpoint", "train.resume=auto"),
          _train(**{"train.resume": "require"})),
@@ -344,9 +346,9 @@ def test_disk_full_during_save_keeps_previous(tmp_path, monkeypatch):
   assert sorted(os.listdir(ckdir)) == ["10"], os.listdir(ckdir)   # keep=1 did not drop 10
   assert not glob.glob(os.path.join(wd, "**", "*" + ckpt.TMP_SUFFIX + "*"), recursive=True)
   assert not os.path.exists(os.path.join(wd, "results.json"))
-  assert train.evaluate_checkpoint(wd)["step"] == 10
+  assert evaluation.evaluate_checkpoint(wd)["step"] == 10
   monkeypatch.setattr(handler, "_save_fn", real)
   results = train.train_and_evaluate(config, wd)
   assert results["step"] == 20 and sorted(os.listdir(ckdir)) == ["20"]
-  with open(os.path.join(wd, ckpt.CONFIG_FILE)) as f:
+  with open(os.path.join(wd, workdir_lib.CONFIG_FILE)) as f:
     assert json.load(f)["train"]["keep_checkpoints"] == 1

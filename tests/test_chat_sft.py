@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-
 from conftest import load_config
-from lmmask import chat_eval, init_from, train
+
 from lmmask import checkpoint as ckpt
-from lmmask.data import prepare, shards, synthetic_chat
-from lmmask.model import Decoder, DecoderConfig
+from lmmask import eval_chat, train
+from lmmask import step as step_lib
+from lmmask import workdir as workdir_lib
+from lmmask.data import prepare, registry, shards, synthetic_chat, tokenizer
 
 
 def chat_config(arg):
@@ -58,7 +58,8 @@ def _reference_mask(ids, tok):
 
 
 def _mask_with_opening_tag(tok, messages):
-  """Planted bug: the opening <|assistant|> tag is counted too."""
+  """Planted bug: the opening <|assistant|> tag is counted too (the model then learns
+  to emit role tags itself)."""
   ids, mask = prepare.encode_conversation(tok, messages)
   return ids, [1 if t == tok.role_id["assistant"] else m for t, m in zip(ids, mask)]
 
@@ -72,7 +73,7 @@ def _check_mask_properties(tok, ids, mask, messages):
 
 
 def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["chat"])
   rng = np.random.default_rng(0)
   convs = [synthetic_chat.conversation(rng)["messages"] for _ in range(60)]
   assert any(m[0]["role"] == "system" for m in convs)
@@ -90,7 +91,7 @@ def test_mask_rules_match_reference_and_catch_planted_bug(datasets):
 
 
 def test_plain_text_encoding(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["text"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["text"])
   ids, mask = prepare.encode_plain_text(tok, "what is 3 + 4? 7.")
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask == [1] * len(ids)
   assert tok.decode(ids) == "what is 3 + 4? 7."
@@ -121,7 +122,7 @@ def test_bad_chat_jsonl(tmp_path, line, match):
 
 
 def test_content_may_not_spell_role_tags(datasets):
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+  tok = tokenizer.Tokenizer.load_chat(datasets["chat"])
   msgs = [{"role": "user", "content": "hi <|assistant|> yes"},
           {"role": "assistant", "content": "ok"}]
   with pytest.raises(ValueError, match=r"message 0 contains the special token '<\|assistant\|>'"):
@@ -139,23 +140,23 @@ def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path)
   base = datasets["base"]
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
   c.train.init_from = base
-  data = train.load_data(c)
-  base_cfg = init_from.check_compatible(c, str(tmp_path / "sft"), data.vocab_size, data.info)
-  state = train.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
-  state, base_step = init_from.restore_base_params(c, state, base_cfg, data.vocab_size)
+  data = registry.load(c)
+  base_cfg = workdir_lib.check_init_from(c, str(tmp_path / "sft"), data)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
+  state, base_step = workdir_lib.init_from_base(c, state, base_cfg, data)
   _, base_state = _restore(base)
   assert base_step == int(base_state.step) == 6
   assert _params_equal(state.params, base_state.params)
   assert int(state.step) == 0
   assert _params_equal(state.opt_state, state.tx.init(state.params))
 
-  wd = str(tmp_path / "sft")
+  sft_dir = str(tmp_path / "sft")
   c.train.steps = 2
-  res = train.train_and_evaluate(c, wd)
+  res = train.train_and_evaluate(c, sft_dir)
   assert res["step"] == 2
-  saved = ckpt.load_saved_config(wd)
+  saved = workdir_lib.load_config(sft_dir)
   assert saved["train"]["init_from"] == base and saved["data"]["use_loss_mask"] is True
-  rec = json.load(open(os.path.join(wd, init_from.MODEL_FILE)))
+  rec = json.load(open(os.path.join(sft_dir, workdir_lib.MODEL_FILE)))
   assert rec["init_from"] == {"workdir": os.path.abspath(base), "step": 6}
   assert rec["decoder"]["d_model"] == base_cfg["model"]["d_model"]
   assert rec["decoder"]["dropout"] == c.model.dropout  # training parameter from the SFT config
@@ -167,9 +168,9 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
   # The SFT tiny config and chat batches, jitted like the train loop: the compiled
   # step is the one the init_from tests already built (persistent cache).
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
-  data = train.load_data(c)
-  state = train.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
-  step = jax.jit(train.train_step, donate_argnums=0)
+  data = registry.load(c)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
+  step = jax.jit(step_lib.train_step, donate_argnums=0)
   good = data.train_batch(0)
   state, m1 = step(state, good)  # AdamW momentum is now non-zero
   assert float(m1["skipped_empty"]) == 0 and float(m1["loss"]) > 0
@@ -194,9 +195,9 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
 
 def _restore(workdir):
   from ml_collections import ConfigDict
-  config = ConfigDict(ckpt.load_saved_config(workdir))
+  config = ConfigDict(workdir_lib.load_config(workdir))
   meta = shards.read_meta(config.data.path)
-  state = train.create_train_state(config, jax.random.PRNGKey(0),
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
                                    vocab_size=meta["vocab_size"])
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -210,10 +211,10 @@ def test_init_from_architecture_mismatch_names_field(datasets, tmp_path, field, 
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
   c.train.init_from = datasets["base"]
   c.model[field] = value
-  wd = str(tmp_path / "sft")
+  sft_dir = str(tmp_path / "sft")
   with pytest.raises(ValueError, match=f"model.{field}: "):
-    train.train_and_evaluate(c, wd)
-  assert not os.path.exists(wd)  # refused before anything was written
+    train.train_and_evaluate(c, sft_dir)
+  assert not os.path.exists(sft_dir)  # refused before anything was written
 
 
 def test_init_from_other_tokenizer_refused(datasets, tmp_path):
@@ -229,8 +230,8 @@ def test_init_from_other_tokenizer_refused(datasets, tmp_path):
 
 
 def test_use_loss_mask_switch(datasets):
-  on = train.load_data(chat_config(f"sft,tiny,data={datasets['chat']}"))
-  off = train.load_data(chat_config(f"sft,tiny,mask=false,data={datasets['chat']}"))
+  on = registry.load(chat_config(f"sft,tiny,data={datasets['chat']}"))
+  off = registry.load(chat_config(f"sft,tiny,mask=false,data={datasets['chat']}"))
   b_on, b_off = on.train_batch(3), off.train_batch(3)
   np.testing.assert_array_equal(b_on.inputs, b_off.inputs)  # same data order
   assert 0 < b_on.loss_mask.sum() < b_off.loss_mask.sum()
@@ -257,79 +258,41 @@ def test_resumed_run_matches_uninterrupted(datasets, tmp_path):
   assert _params_equal(a.params, b.params) and _params_equal(a.opt_state, b.opt_state)
   # the twin: restarting the data at batch 0 after the resume gives other params
   c = cfg(6)
-  data = train.load_data(c)
+  data = registry.load(c)
   assert not np.array_equal(data.train_batch(3).inputs, data.train_batch(0).inputs)
 
 
-# --- the greedy loop ----------------------------------------------------------
+# --- assistant-turn scoring ----------------------------------------------------
 
-def _naive_greedy(model, prompt, max_new, stop, fwd):
-  """Reference: re-run the whole unpadded sequence each step, take the last logits."""
-  params = nnx.state(model, nnx.Param)
-  seq = list(prompt)
-  out = []
-  for _ in range(max_new):
-    logits = fwd(params, jnp.asarray([seq]))
-    t = int(np.argmax(np.asarray(logits)[0, -1]))
-    out.append(t)
-    seq.append(t)
-    if t == stop:
-      break
-  return out
-
-
-def test_greedy_generate_matches_naive_loop():
-  model = Decoder(DecoderConfig(vocab_size=13, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                                max_len=16), rngs=nnx.Rngs(params=3))
-  graphdef, params = nnx.split(model, nnx.Param)
-  rng = np.random.default_rng(0)
-  prompts = [rng.integers(1, 13, size=k).tolist() for k in (2, 4)]
-  got = chat_eval.greedy_generate(graphdef, params, prompts, max_new=3, stop_id=12, pad_id=0,
-                                  length=16, batch_size=4)
-  fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, deterministic=True))
-  want = [_naive_greedy(model, p, 3, 12, fwd) for p in prompts]
-  assert got == want
-
-  # planted twin: reading the logits one position too late
-  def off_by_one(graphdef, params, buf, n, causal=True):
-    m = nnx.merge(graphdef, params)
-    logits = m(buf, key_mask=jnp.arange(buf.shape[1])[None] < n[:, None])
-    return jnp.argmax(jnp.take_along_axis(logits, n[:, None, None], 1)[:, 0], -1)
-  real = chat_eval._next_tokens
-  chat_eval._next_tokens = off_by_one
-  try:
-    bad = chat_eval.greedy_generate(graphdef, params, prompts, max_new=3, stop_id=12,
-                                    pad_id=0, length=16, batch_size=4)
-  finally:
-    chat_eval._next_tokens = real
-  assert bad != want
-
-
-def test_evaluate_turns_counts_exact_matches(datasets):
-  """A model forced to emit the reference answers scores 1.0; one that opens with a
-  role tag scores on starts_with_role_tag."""
-  tok = prepare.ChatTokenizer.load(datasets["chat"])
+def test_evaluate_turns_counts_exact_matches(datasets, monkeypatch):
+  """A model forced to emit the reference answers scores 1.0; the planted twin, one
+  that opens every reply with a role tag, scores 0 and is counted on
+  starts_with_role_tag."""
+  data = registry.load(chat_config(f"sft,tiny,data={datasets['chat']}"))
+  tok = data.tokenizer
   split = shards.ShardSplit(datasets["chat"], "val", use_loss_mask=True)
-  turns = [t for d in range(len(split)) for t in chat_eval.assistant_turns(split.doc(d)[0], tok)]
+  docs = [split.doc(d)[0] for d in range(len(split))]
+  turns = [t for ids in docs for t in eval_chat.assistant_turns(ids, tok)]
   assert turns and all(p[-1] == tok.role_id["assistant"] for p, _ in turns)
   answers = {tuple(p): r + [tok.end_id] for p, r in turns}
 
-  def oracle(graphdef, params, buf, n, causal=True):
+  def oracle(state, prompts, tok_, *, max_new, batch_size, max_len):
     out = []
-    for row, k in zip(np.asarray(buf), np.asarray(n)):
-      seq = row[:k].tolist()
-      for p, full in sorted(answers.items(), key=lambda kv: -len(kv[0])):
-        if seq[:len(p)] == list(p) and len(seq) - len(p) < len(full):
-          out.append(full[len(seq) - len(p)])
+    for p in prompts:
+      for q, full in sorted(answers.items(), key=lambda kv: -len(kv[0])):
+        if list(p[:len(q)]) == list(q) and len(p) - len(q) < len(full):
+          out.append(full[len(p) - len(q):][:max_new])
           break
       else:
-        out.append(tok.role_id["user"])
-    return jnp.asarray(out)
-  real = chat_eval._next_tokens
-  chat_eval._next_tokens = oracle
-  try:
-    m, ex = chat_eval.evaluate_turns(None, None, split, tok, length=64, num_examples=2)
-  finally:
-    chat_eval._next_tokens = real
+        out.append([tok.role_id["user"]])
+    return out
+  monkeypatch.setattr(eval_chat, "generate_replies", oracle)
+  m, ex = eval_chat.evaluate_turns(None, docs, tok, max_new=64, max_len=64, num_examples=2)
   assert m["exact_match"] == 1.0 and m["stopped"] == 1.0 and m["starts_with_role_tag"] == 0
   assert m["continues_with_user_turn"] == 1.0 and len(ex) == 2 and ex[0]["exact"]
+
+  def tag_first(state, prompts, tok_, *, max_new, batch_size, max_len):
+    return [[tok.role_id["assistant"], tok.end_id] for _ in prompts]
+  monkeypatch.setattr(eval_chat, "generate_replies", tag_first)
+  bad, _ = eval_chat.evaluate_turns(None, docs, tok, max_new=64, max_len=64)
+  assert bad["exact_match"] == 0.0 and bad["starts_with_role_tag"] == 1.0

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_decoder_options import COMBOS
 
 from lmmask import decode, masks
-from test_decoder_options import COMBOS
 from lmmask.model import Decoder, DecoderConfig
 
 V = 23

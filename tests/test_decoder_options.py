@@ -1,6 +1,7 @@
 """Decoder options: references for RoPE, RMSNorm, grouped attention,
 SwiGLU and z-loss, and the masking properties for every option combination that
 changes attention or positions, each with a planted-bug twin that must fail."""
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import nnx
 
 from lmmask import batching, losses, masks
 from lmmask import model as M
+from lmmask import step as step_lib
 
 V = 13  # tiny vocabulary; id 0 is padding
 
@@ -357,22 +359,22 @@ def test_train_step_reports_z_loss_apart():
   in the gradient (the same step without it has another gradient norm)."""
   import jax
   from conftest import tiny_config
-  from lmmask import train
+
   from lmmask.data import pipeline, verbs
   cfg = tiny_config(**{"model.dropout": 0.0, "loss.z_loss": 0.5})
   corpus = verbs.build_corpus()
   split = pipeline.pad_split(corpus.train, length=cfg.data.length, pad_id=0, pad_side="right")
   batch = pipeline.train_batch(split, step=0, batch_size=8, seed=0, pad_id=0)
-  state = train.create_train_state(cfg, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
-  ce = train.eval_step(state, batch)
-  logits = train._forward(state, state.params, batch, deterministic=True)
+  state = step_lib.create_train_state(cfg, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  ce = step_lib.eval_step(state, batch)
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
   z = losses.z_loss(logits, batch.loss_mask, coefficient=0.5)
-  step = jax.jit(train.train_step)
+  step = jax.jit(step_lib.train_step)
   _, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), float(ce["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["z_loss"]), float(z), rtol=1e-5)
   assert float(z) > 1e-3
-  _, m0 = step(state.replace(z_loss=0.0), batch)
+  _, m0 = step(state.replace(options=dataclasses.replace(state.options, z_loss=0.0)), batch)
   assert "z_loss" not in m0
   assert float(m0["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-6)
   assert abs(float(m0["grad_norm"]) - float(metrics["grad_norm"])) > 1e-4

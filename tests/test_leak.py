@@ -7,10 +7,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, tiny_config
-from lmmask import audit, evaluation, train
-from lmmask.data import verbs
+
+from lmmask import audit, eval_verbs, evaluation, train
+from lmmask import step as step_lib
+from lmmask import workdir as workdir_lib
+from lmmask.data import verbs, verbs_source
 
 STEPS = 80  # the alarm must fire within this many steps without the causal mask
 
@@ -76,8 +78,8 @@ def test_results_carry_baseline_and_exact_match(runs):
 def test_audit_passes_correct_model_and_fails_broken_one(runs):
   results = {}
   for causal, (workdir, _) in runs.items():
-    config, corpus, _, _, state, _ = evaluation.load_state(workdir)
-    results[causal] = audit.run_audit(state, config, corpus)
+    config, data, state, _ = workdir_lib.restore_state(workdir)
+    results[causal] = audit.run_audit(state, config, data)
   good, bad = results[True], results[False]
   assert good["passed"] and all(good["checks"].values())
   assert good["future_max_logit_change"] == 0.0 and good["max_mass_above_diagonal"] == 0.0
@@ -93,6 +95,13 @@ def _one_batch(corpus, side="left"):
   return pipeline.eval_batches(split, batch_size=64, pad_id=0)[:1]
 
 
+def _load(workdir, step=None, which="latest"):
+  """(config, corpus, train split, val split, state, step) of a verbs workdir."""
+  config, data, state, restored = workdir_lib.restore_state(workdir, which, step)
+  _, train_split, val_split = verbs_source.splits(config)
+  return config, data.info, train_split, val_split, state, restored
+
+
 def clear_probe_caches():
   # the twins monkeypatch helpers that the jitted probes trace; drop their compiled code
   audit._future_change.clear_cache()
@@ -100,8 +109,8 @@ def clear_probe_caches():
 
 
 def test_planted_probe_and_pad_leak_twins(runs, monkeypatch):
-  _, corpus, _, _, good, _ = evaluation.load_state(runs[True][0])
-  _, _, _, _, bad, _ = evaluation.load_state(runs[False][0])
+  _, corpus, _, _, good, _ = _load(runs[True][0])
+  _, _, _, _, bad, _ = _load(runs[False][0])
   batches = _one_batch(corpus)
   kw = dict(vocab_size=len(corpus.vocab), pad_id=0)
   assert audit.future_probe(good, batches, **kw) == 0.0
@@ -120,8 +129,8 @@ def test_planted_probe_and_pad_leak_twins(runs, monkeypatch):
   # Twin 2: the same model run without its key-padding mask is caught by the pad probe.
   real_forward = audit._forward
 
-  def no_pad_mask(graphdef, params, causal, b, **kw):
-    return real_forward(graphdef, params, causal, b.replace(
+  def no_pad_mask(spec, params, b, **kw):
+    return real_forward(spec, params, b.replace(
         key_mask=jnp.ones_like(b.key_mask), segment_ids=jnp.ones_like(b.segment_ids)), **kw)
 
   assert audit.pad_probe(good, batches, **kw) == 0.0
@@ -133,10 +142,10 @@ def test_planted_probe_and_pad_leak_twins(runs, monkeypatch):
 
 
 def test_length_buckets_add_up_to_the_val_loss(runs):
-  _, corpus, _, val_split, state, _ = evaluation.load_state(runs[True][0])
+  _, corpus, _, val_split, state, _ = _load(runs[True][0])
   from lmmask.data import pipeline
-  whole = train.evaluate(state, pipeline.eval_batches(val_split, batch_size=64, pad_id=0))
-  buckets = evaluation.length_buckets(state, val_split, pad_id=0, batch_size=64)
+  whole = step_lib.evaluate(state, pipeline.eval_batches(val_split, batch_size=64, pad_id=0))
+  buckets = eval_verbs.length_buckets(state, val_split, pad_id=0, batch_size=64)
   assert sum(b["num_seqs"] for b in buckets.values()) == len(val_split)
   tokens = sum(b["num_tokens"] for b in buckets.values())
   assert tokens == whole["num_tokens"]
@@ -147,10 +156,10 @@ def test_length_buckets_add_up_to_the_val_loss(runs):
 def test_inference_mode_loss_equals_teacher_forcing_only_when_causal(runs):
   from lmmask.data import pipeline
   for causal, (workdir, _) in runs.items():
-    config, corpus, _, val_split, state, _ = evaluation.load_state(workdir)
+    config, corpus, _, val_split, state, _ = _load(workdir)
     batches = pipeline.eval_batches(val_split, batch_size=64, pad_id=0)
-    tf = train.evaluate(state, batches)
-    inf = evaluation.prefix_recompute_eval(state, batches)
+    tf = step_lib.evaluate(state, batches)
+    inf = eval_verbs.prefix_recompute_eval(state, batches)
     assert inf["num_tokens"] == tf["num_tokens"]
     if causal:
       assert abs(inf["loss"] - tf["loss"]) < 1e-5
@@ -186,8 +195,8 @@ def test_exact_match_scoring_against_hand_counts(monkeypatch):
       toks[r, :len(ids)] = ids
     return decode.Generation(tokens=toks, lengths=None, prompt_ids=None, logits=None)
 
-  monkeypatch.setattr(evaluation.decode, "generate", fake_generate)
-  res = evaluation.exact_match(None, corpus, num_examples=5)
+  monkeypatch.setattr(decode, "generate", fake_generate)
+  res = eval_verbs.exact_match(None, corpus, num_examples=5)
   assert res["exact_match"] == pytest.approx(want_ok / len(forms))
   assert res["exact_match_regular"] == pytest.approx(want_reg / res["num_regular"])
   assert res["over_regularised"] == want_over > 0
@@ -227,15 +236,15 @@ def test_generate_text_from_checkpoint(runs):
                                      seed=3)
   assert sampled == evaluation.generate_text(runs[True][0], ["yo como /"], temperature=1.0,
                                              top_k=5, seed=3)
-  with pytest.raises(ValueError, match="outside the vocabulary"):
+  with pytest.raises(ValueError, match="not in the verbs vocabulary"):
     evaluation.generate_text(runs[True][0], ["yo xyzzy /"])
 
 
 def test_exact_match_reverse_direction_runs(runs):
-  _, corpus, _, _, state, _ = evaluation.load_state(runs[True][0])
-  res = evaluation.exact_match(state, corpus, direction="en_es", num_examples=3)
+  _, corpus, _, _, state, _ = _load(runs[True][0])
+  res = eval_verbs.exact_match(state, corpus, direction="en_es", num_examples=3)
   assert res["num_prompts"] == 60 and res["over_regularised"] is None
   assert res["rows"][0]["prompt"].endswith("/") and res["rows"][0]["prompt"].startswith("I ")
   assert res["rows"][0]["reference"].startswith("yo ")
   with pytest.raises(ValueError, match="direction"):
-    evaluation.exact_match(state, corpus, direction="fr_en")
+    eval_verbs.exact_match(state, corpus, direction="fr_en")

@@ -20,14 +20,15 @@ import pytest
 from conftest import REPO, tiny_config
 
 from lmmask import checkpoint as ckpt
-from lmmask import preempt, train
-from lmmask.data import pipeline, verbs
+from lmmask import evaluation, preempt, train
+from lmmask import step as step_lib
+from lmmask.data import pipeline, verbs, verbs_source
 
 
 def _params_at(workdir, step=None, config=None):
   """Raw parameter arrays of a workdir's checkpoint (default: latest readable)."""
   config = config or tiny_config()
-  state = train.create_train_state(config, jax.random.PRNGKey(0),
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
                                    vocab_size=len(verbs.build_vocab()))
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 100, create=False)
   got, tree, meta = ckpt.restore(mngr, step, state.checkpoint_tree())
@@ -57,8 +58,8 @@ def _poison(batch, value=np.inf):
 
 def _state_and_batch(nonfinite):
   config = tiny_config(**{"train.nonfinite": nonfinite})
-  corpus, split, _ = train.load_verb_data(config)
-  state = train.create_train_state(config, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  corpus, split, _ = verbs_source.splits(config)
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
   batch = pipeline.train_batch(split, step=0, batch_size=config.data.batch_size, seed=0,
                                pad_id=corpus.vocab.pad_id)
   return state, batch
@@ -69,7 +70,7 @@ def _bits(tree):
 
 
 def test_skip_keeps_params_and_opt_state_inside_the_jitted_step():
-  step = jax.jit(train.train_step)  # no donation: the inputs are compared afterwards
+  step = jax.jit(step_lib.train_step)  # no donation: the inputs are compared afterwards
   state0, batch = _state_and_batch("skip")
   state, _ = step(state0, batch)  # one real step: the warmup lr is 0 at optimizer step 0
   for value, loss_finite in ((np.inf, False), (np.nan, True)):  # loss+grads, grads only
@@ -82,7 +83,7 @@ def test_skip_keeps_params_and_opt_state_inside_the_jitted_step():
     assert _same_bits(_bits(new.opt_state), _bits(state.opt_state))
   # A finite batch: the guard changes nothing, bit for bit, against the "stop" step.
   good, m_skip = step(state, batch)
-  stop_step = jax.jit(train.train_step)
+  stop_step = jax.jit(step_lib.train_step)
   ref, m_stop = stop_step(stop_step(_state_and_batch("stop")[0], batch)[0], batch)
   assert float(m_skip["skipped"]) == 0.0 and "skipped" not in m_stop
   assert _same_bits(_bits(good.params), _bits(ref.params))
@@ -93,7 +94,7 @@ def test_without_the_guard_a_poisoned_step_corrupts_params():
   """The planted-bug twin: with the "stop" policy (no guard) the same batch writes NaN
   into the parameters, so the test above would catch a missing or broken guard."""
   state, batch = _state_and_batch("stop")
-  new, _ = jax.jit(train.train_step)(state, _poison(batch))
+  new, _ = jax.jit(step_lib.train_step)(state, _poison(batch))
   assert any(np.isnan(x).any() for x in _bits(new.params))
 
 
@@ -149,7 +150,7 @@ def test_interrupted_save_is_never_a_step(tiny_run, tmp_path):
   tmp = os.path.join(wd, ckpt.CKPT_DIR, "30" + ckpt.TMP_SUFFIX)
   shutil.copytree(os.path.join(wd, ckpt.CKPT_DIR, "20"), tmp)  # a save killed before rename
   assert ckpt.committed_steps(wd) == [10, 20]
-  assert train.evaluate_checkpoint(wd)["step"] == 20 and os.path.isdir(tmp)  # eval: read-only
+  assert evaluation.evaluate_checkpoint(wd)["step"] == 20 and os.path.isdir(tmp)  # eval: read-only
   assert train.train_and_evaluate(tiny_config(), wd)["step"] == 20
   assert not os.path.exists(tmp)  # a training run removes the leftover
 
@@ -172,7 +173,7 @@ def test_damaged_latest_falls_back_and_resumes_exactly(damage, tiny_run, tmp_pat
   _, before, _ = _params_at(wd, 20)
   damage(os.path.join(wd, ckpt.CKPT_DIR, "20"))
   # eval reports it and uses step 10, moving nothing
-  assert train.evaluate_checkpoint(wd)["step"] == 10
+  assert evaluation.evaluate_checkpoint(wd)["step"] == 10
   err = capsys.readouterr().err
   assert "checkpoint step 20" in err and "damaged" in err and "step 10" in err
   assert ckpt.committed_steps(wd) == [10, 20]
@@ -190,8 +191,8 @@ def test_explicit_damaged_step_is_not_replaced(tiny_run, tmp_path):
   wd = _copy(tiny_run[0], tmp_path / "wd")
   _truncate_biggest_array_file(os.path.join(wd, ckpt.CKPT_DIR, "20"))
   with pytest.raises(ckpt.CheckpointDamagedError, match="checkpoint step 20 in .* could not"):
-    train.evaluate_checkpoint(wd, step=20)
-  assert train.evaluate_checkpoint(wd, step=10)["step"] == 10
+    evaluation.evaluate_checkpoint(wd, step=20)
+  assert evaluation.evaluate_checkpoint(wd, step=10)["step"] == 10
 
 
 # --- SIGINT / SIGTERM / SIGKILL --------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scaling on a single process and device: exact reductions under splitting, gradient
+"""Scale features (single process, 1 device): exact reductions under splitting, gradient
 accumulation, packing, the structured attention form and the fused attention path,
 remat/scan, mesh arithmetic. The 8-device checks live in test_mesh.py."""
 import jax
@@ -8,6 +8,8 @@ import pytest
 from flax import nnx
 
 from lmmask import accumulate, losses, masks, packing, parallel
+from lmmask import config as config_lib
+from lmmask import step as step_lib
 from lmmask.batching import batch_from_ids, pad_sequences
 from lmmask.model import Decoder, DecoderConfig
 
@@ -177,6 +179,35 @@ def test_pack_errors_and_dropping():
   assert dropped == [1]
 
 
+def test_both_row_policies_share_one_row_layout():
+  """first_fit (verbs) and greedy_rows (text) only choose the rows; fill_rows lays
+  them out (segment ids 1, 2, ..., padding 0, either pad side) for both."""
+  lengths = [3, 5, 2, 6, 4]
+  assert packing.greedy_rows(lengths, 8, pack=True) == [[0, 1], [2, 3], [4]]
+  assert packing.greedy_rows(lengths, 8, pack=False) == [[0], [1], [2], [3], [4]]
+  # Longest first, each into the first row with room; stream order inside a row.
+  assert packing.first_fit(lengths, 8) == ([[2, 3], [0, 1], [4]], [])
+  pieces = [[np.array([5, 6, 7]), np.array([8, 9])], [np.array([4, 4])]]
+  ids, seg, tlm = packing.fill_rows(pieces, length=6, pad_id=PAD)
+  np.testing.assert_array_equal(ids, [[5, 6, 7, 8, 9, 0], [4, 4, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(seg, [[1, 1, 1, 2, 2, 0], [1, 1, 0, 0, 0, 0]])
+  assert tlm is None
+  masked = [[(p, np.ones(len(p), np.uint8)) for p in row] for row in pieces]
+  ids, seg, tlm = packing.fill_rows(masked, length=6, pad_id=PAD, pad_side="left",
+                                    with_mask=True)
+  np.testing.assert_array_equal(ids, [[0, 5, 6, 7, 8, 9], [0, 0, 0, 0, 4, 4]])
+  np.testing.assert_array_equal(seg, [[0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1]])
+  np.testing.assert_array_equal(tlm, seg > 0)
+  # pack_documents is first_fit + fill_rows; rows it cannot fill are all padding.
+  docs = [[1] * 3, [2] * 5, [3] * 2]
+  ids, seg, _ = packing.pack_documents(docs, length=8, pad_id=PAD, rows=3)
+  assignment, _ = packing.first_fit([len(d) for d in docs], 8, rows=3)
+  want, _, _ = packing.fill_rows([[docs[i] for i in r] for r in assignment] + [[]],
+                                 length=8, pad_id=PAD)
+  np.testing.assert_array_equal(ids, want)
+  assert (ids[-1] == PAD).all() and (seg[-1] == 0).all()
+
+
 def test_packed_logits_and_losses_equal_unpacked():
   docs = _docs(np.random.default_rng(4), n=9, lo=3, hi=10)
   model = _jit_apply(_model())
@@ -343,8 +374,9 @@ def test_distributed_config_errors():
 
 
 def test_gelu_exact_matches_erf_formula_and_its_gradient():
-  from lmmask.model import gelu_exact
   import math
+
+  from lmmask.model import gelu_exact
   x = np.linspace(-8, 8, 801).astype(np.float32)
   ref = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
   dref = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
@@ -356,7 +388,8 @@ def test_gelu_exact_matches_erf_formula_and_its_gradient():
 
 
 # ---------------------------------------------------------------------------
-# The speed paths together with the decoder options, z-loss inside the accumulated objective, packing per corpus.
+# The speed paths with the decoder options, z-loss inside the accumulated
+# objective, packing per corpus.
 
 _OPTIONS = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2,
                 tie_embeddings=True)
@@ -425,14 +458,16 @@ def test_z_loss_inside_accumulated_objective():
 def test_packing_and_prefix_flags_per_corpus():
   from conftest import tiny_config
 
-  from lmmask import train
   c = tiny_config()
-  assert train.keys_are_prefix(c)
+  assert step_lib.keys_are_prefix(c)
   c.data.packing = True
-  assert not train.keys_are_prefix(c)
-  train.validate_config(c)  # verbs packing is fine
+  assert not step_lib.keys_are_prefix(c)
+  config_lib.validate(c)  # verbs packing is fine
   c.data.corpus = "text"
+  config_lib.validate(c)  # and so is text's: one knob for both row policies
+  c.data.corpus = "shards"
   with pytest.raises(ValueError, match="data.packing"):
-    train.validate_config(c)
+    config_lib.validate(c)  # one whole document per row
+  c.data.corpus = "text"
   c.data.packing = False
-  assert not train.keys_are_prefix(c)  # text rows may be packed (data.pack)
+  assert not step_lib.keys_are_prefix(c)  # only unpacked verbs/shards rows qualify

@@ -9,7 +9,7 @@ import sys
 import pytest
 from ml_collections import config_dict
 
-from lmmask import checkpoint as ckpt
+from lmmask import config as config_lib
 from lmmask import sweep
 from tests.conftest import REPO, tiny_config
 
@@ -50,7 +50,7 @@ def test_grid_expansion_names_and_configs():
   assert cfg.train.steps == 4 and cfg.optim.decay_steps == 8   # fixed applied
   assert cfg.model.d_model == tiny_config().model.d_model       # base kept
   # every point's config is distinct and the base file is untouched
-  assert len({json.dumps(ckpt.config_to_dict(sweep.point_config(s, p)), sort_keys=True)
+  assert len({json.dumps(config_lib.to_dict(sweep.point_config(s, p)), sort_keys=True)
               for p in pts}) == 4
 
 
@@ -125,7 +125,7 @@ def test_dry_run_commands_reproduce_each_point(tmp_path, monkeypatch):
   for cmd, p in zip(cmds, pts):
     cfg, wd = _parse_command(cmd)
     assert wd == str(tmp_path / "sw" / p.name)
-    assert ckpt.config_to_dict(cfg) == ckpt.config_to_dict(sweep.point_config(s, p))
+    assert config_lib.to_dict(cfg) == config_lib.to_dict(sweep.point_config(s, p))
   # the manifest lets --mode=aggregate collect the points later
   manifest = json.load(open(tmp_path / "sw" / sweep.MANIFEST))
   assert [m["name"] for m in manifest["points"]] == [p.name for p in pts]

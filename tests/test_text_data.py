@@ -1,5 +1,5 @@
-"""Text pre-training data: documents, split, tokenizer, shards, windows,
-packing, and a few training steps on generated text."""
+"""Text pre-training data: documents, split, tokenizer, shards, windows, packing,
+and a few training steps on generated text."""
 import collections
 import importlib.util
 import json
@@ -7,10 +7,12 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import load_config
-from lmmask import batching
+
+from lmmask import batching, evaluation
+from lmmask.data import shards
 from lmmask.data import text as T
+from lmmask.data import tokenizer as K
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the cat dog sees eats runs a big small red blue house tree river "
@@ -69,17 +71,22 @@ def test_split_is_by_document():
 
 def test_byte_level_bpe_roundtrip(tmp_path):
   path = str(tmp_path / "tok.json")
-  T.train_bpe(generated_docs(), 300, path)
-  tok = T.load_tokenizer(path, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+  K.save_atomic(K.train_bpe(generated_docs(), 300, K.TEXT_SPECIALS), path)
+  tok = K.Tokenizer.load(path, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
   assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-  assert 259 <= tok.vocab_size <= 300
+  assert 259 <= tok.vocab_size <= 300 and tok.sha256 == K.sha256_file(path)
   for s in ("the cat sees a river.", "unseen wörds ✓ 123"):  # bytes: nothing is unknown
     ids = tok.encode_document(s)
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == s
+    assert tok.encode(s) == ids[1:-1]  # encode adds no specials
+  assert tok.decode([1, *tok.encode("a"), 2], skip_special=False) == "<bos>a<eos>"
   with pytest.raises(ValueError, match="bos token"):
-    T.load_tokenizer(path, pad_token="<pad>", bos_token="<s>", eos_token="<eos>")
+    K.Tokenizer.load(path, pad_token="<pad>", bos_token="<s>", eos_token="<eos>")
   with pytest.raises(ValueError, match="vocab_size"):
-    T.train_bpe(["x"], 100, str(tmp_path / "small.json"))
+    K.train_bpe(["x"], 100, K.TEXT_SPECIALS)
+  with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+    K.Tokenizer.load(str(tmp_path / "missing.json"))
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
 def test_shards_roundtrip(tmp_path):
@@ -87,16 +94,19 @@ def test_shards_roundtrip(tmp_path):
   docs = [rng.integers(0, 2**32 - 1, size=n, dtype=np.uint64) for n in (5, 1, 9, 7, 3)]
   masks = [rng.integers(0, 2, size=len(d)) for d in docs]
   out = str(tmp_path / "shards")
-  T.write_shards(out, docs, masks=masks, meta={"k": 1}, shard_tokens=10)
-  s = T.TokenShards(out)
-  assert len(s.meta["shards"]) > 1 and s.meta["num_tokens"] == 25 and s.meta["k"] == 1
+  meta = shards.write_dataset(out, {"train": (docs, masks)}, vocab_size=2**32, pad_id=0,
+                              kind="text", extra={"k": 1}, shard_tokens=10)
+  s = shards.ShardSplit(out, "train", use_loss_mask=False)
+  info = meta["splits"]["train"]
+  assert len(info["shards"]) > 1 and info["num_tokens"] == 25 and meta["k"] == 1
   for i, (d, m) in enumerate(zip(docs, masks)):
-    np.testing.assert_array_equal(s.doc(i), d.astype(np.uint32))
-    np.testing.assert_array_equal(s.doc_mask(i), m)
+    toks, mask = s.doc(i)
+    np.testing.assert_array_equal(toks, d.astype(np.uint32))
+    np.testing.assert_array_equal(mask, m)
   assert s.tokens[0].dtype == np.uint32 and isinstance(s.tokens[0], np.memmap)
-  with pytest.raises(ValueError, match="written once"):
-    T.write_shards(out, docs, meta={})
-  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+  with pytest.raises(FileExistsError, match="already exists"):
+    shards.write_dataset(out, {"train": (docs, None)}, vocab_size=2**32, pad_id=0, kind="text")
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 # ---------------------------------------------------------------------------
@@ -137,6 +147,13 @@ def test_windows_cover_each_pair_once():
   assert pairs_of_windows(docs, bad) != doc_pairs(docs)
 
 
+def text_split(tmp_path, docs, masks=None, **kw):
+  """A TextSplit over `docs` written as a one-split shard dataset."""
+  out = str(tmp_path / "s")
+  shards.write_dataset(out, {"train": (docs, masks)}, vocab_size=64, pad_id=0, kind="text")
+  return T.TextSplit(shards.ShardSplit(out, "train", use_loss_mask=False), **kw)
+
+
 def _packed_pairs(split):
   """Counted (input, target) pairs over all rows of a TextSplit."""
   c = collections.Counter()
@@ -152,9 +169,7 @@ def _packed_pairs(split):
 def test_rows_count_exactly_the_document_pairs(tmp_path, pack, pad_side):
   rng = np.random.default_rng(2)
   docs = [rng.integers(3, 50, size=n).tolist() for n in (2, 3, 4, 11, 5, 6, 20, 3)]
-  out = str(tmp_path / "s")
-  T.write_shards(out, docs, meta={})
-  split = T.TextSplit(T.TokenShards(out), length=8, pack=pack, pad_id=0, pad_side=pad_side)
+  split = text_split(tmp_path, docs, length=8, packing=pack, pad_id=0, pad_side=pad_side)
   got, b = _packed_pairs(split)
   assert got == doc_pairs(docs)
   assert sum(got.values()) == split.num_targets
@@ -176,18 +191,15 @@ def test_rows_count_exactly_the_document_pairs(tmp_path, pack, pad_side):
 
 def test_mask_shards_gate_targets(tmp_path):
   docs = [[3, 4, 5, 6], [7, 8, 9]]
-  out = str(tmp_path / "s")
-  T.write_shards(out, docs, masks=[[1, 1, 0, 1], [1, 1, 1]], meta={})
-  split = T.TextSplit(T.TokenShards(out), length=8, pack=True, pad_id=0)
+  split = text_split(tmp_path, docs, [[1, 1, 0, 1], [1, 1, 1]], length=8, packing=True,
+                     pad_id=0)
   got, _ = _packed_pairs(split)
   assert (4, 5) not in got and got[(5, 6)] == 1 and got[(7, 8)] == 1
 
 
 def test_eval_batches_cover_rows_once(tmp_path):
   docs = [[3] * n for n in (9, 9, 9, 9, 9)]
-  out = str(tmp_path / "s")
-  T.write_shards(out, docs, meta={})
-  split = T.TextSplit(T.TokenShards(out), length=9, pack=True, pad_id=0)
+  split = text_split(tmp_path, docs, length=9, packing=True, pad_id=0)
   batches = split.eval_batches(3)
   assert [b.inputs.shape[0] for b in batches] == [3, 3]
   assert sum(float(b.loss_mask.sum()) for b in batches) == split.num_targets == 40
@@ -205,13 +217,18 @@ def test_text_training_end_to_end(tmp_path):
   res = train.train_and_evaluate(cfg, wd)
   assert res["step"] == 6 and np.isfinite(res["val_loss"])
   assert os.path.exists(os.path.join(wd, "tokenizer.json"))
-  meta = json.load(open(os.path.join(wd, "data", "val", "meta.json")))
-  assert meta["num_docs"] == 6 and meta["vocab_size"] <= 300
+  meta = json.load(open(os.path.join(wd, "data", "meta.json")))
+  assert meta["splits"]["val"]["num_docs"] == 6 and meta["vocab_size"] <= 300
+  assert meta["kind"] == "text" and meta["fingerprint"]["tokenizer_sha256"] == \
+      K.sha256_file(os.path.join(wd, "tokenizer.json"))
+  for split in ("train", "val"):  # the interface: uint32 ids + uint8 masks per split
+    assert os.path.exists(os.path.join(wd, "data", split, "shard_000.bin"))
+    assert os.path.exists(os.path.join(wd, "data", split, "shard_000_mask.bin"))
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   z = [r["z_loss"] for r in rows if r["kind"] == "train"]
   assert z and all(0 < v < 0.1 for v in z)  # its own metric, not folded into "loss"
   # The val loss from a fresh load of the same shards matches the run's.
-  ev = train.evaluate_checkpoint(wd)
+  ev = evaluation.evaluate_checkpoint(wd)
   assert ev["val_loss"] == pytest.approx(res["val_loss"], rel=1e-5)
   # The text changed under the workdir: refused, nothing rewritten.
   write_corpus(tmp_path / "corpus.txt", generated_docs(60, seed=1))
@@ -222,7 +239,7 @@ def test_text_training_end_to_end(tmp_path):
 
 def test_text_config_sizes_match():
   from lmmask import model as M
-  from lmmask.train import decoder_config
+  from lmmask.config import decoder_config
   spec = importlib.util.spec_from_file_location("text_config",
                                                 os.path.join(REPO, "configs", "text.py"))
   mod = importlib.util.module_from_spec(spec)

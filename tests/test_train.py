@@ -7,9 +7,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, tiny_config
-from lmmask import schedules, train
+
+from lmmask import config as config_lib
+from lmmask import evaluation, optim, train
+from lmmask import step as step_lib
 from lmmask.batching import make_batch
 from lmmask.data import pipeline, verbs
 
@@ -17,7 +19,7 @@ from lmmask.data import pipeline, verbs
 def small_state(config=None, vocab_size=None):
   config = config or tiny_config()
   corpus = verbs.build_corpus(config.data.split)
-  return train.create_train_state(config, jax.random.PRNGKey(0),
+  return step_lib.create_train_state(config, jax.random.PRNGKey(0),
                                   vocab_size=vocab_size or len(corpus.vocab)), corpus
 
 
@@ -29,7 +31,7 @@ def fixed_batch(corpus, n=16):
 def test_jitted_train_step_lowers_the_loss_on_a_fixed_batch():
   state, corpus = small_state()
   batch = fixed_batch(corpus)
-  step = jax.jit(train.train_step, donate_argnums=0)
+  step = jax.jit(step_lib.train_step, donate_argnums=0)
   first = None
   for _ in range(30):
     state, m = step(state, batch)
@@ -46,7 +48,7 @@ def test_train_step_uses_the_configured_reduction():
   for red in ("token_mean", "sum"):
     state, corpus = small_state(tiny_config(**{"loss.reduction": red}))
     b = b or fixed_batch(corpus)
-    _, m = jax.jit(train.train_step)(state, b)
+    _, m = jax.jit(step_lib.train_step)(state, b)
     vals[red] = float(m["loss"])
   np.testing.assert_allclose(vals["sum"], vals["token_mean"] * float(b.loss_mask.sum()),
                              rtol=1e-4)
@@ -55,7 +57,7 @@ def test_train_step_uses_the_configured_reduction():
 def test_dropout_rng_changes_with_the_step():
   state, corpus = small_state(tiny_config(**{"model.dropout": 0.5, "optim.lr": 1e-9}))
   b = fixed_batch(corpus)
-  step = jax.jit(train.train_step)
+  step = jax.jit(step_lib.train_step)
   s1, m1 = step(state, b)
   _, m2 = step(s1, b)
   assert float(m1["loss"]) != float(m2["loss"])
@@ -64,7 +66,7 @@ def test_dropout_rng_changes_with_the_step():
 def test_eval_step_is_deterministic_and_token_mean():
   state, corpus = small_state(tiny_config(**{"model.dropout": 0.5, "loss.reduction": "sum"}))
   b = fixed_batch(corpus)
-  m1, m2 = train.eval_step(state, b), train.eval_step(state, b)
+  m1, m2 = step_lib.eval_step(state, b), step_lib.eval_step(state, b)
   assert float(m1["loss"]) == float(m2["loss"])
   np.testing.assert_allclose(float(m1["loss"]), float(m1["nll_sum"] / m1["num_tokens"]), rtol=1e-6)
 
@@ -72,7 +74,7 @@ def test_eval_step_is_deterministic_and_token_mean():
 def test_schedule_warmup_then_cosine():
   c = tiny_config(**{"optim.lr": 1.0, "optim.warmup_steps": 10, "optim.decay_steps": 110,
                      "optim.end_lr_factor": 0.1})
-  s = schedules.make_schedule(c.optim)
+  s = optim.make_schedule(c.optim)
   assert float(s(0)) == 0.0
   np.testing.assert_allclose(float(s(5)), 0.5, rtol=1e-6)
   np.testing.assert_allclose(float(s(10)), 1.0, rtol=1e-6)
@@ -80,12 +82,12 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose(float(s(110)), 0.1, rtol=1e-5)
   for kind, mid in (("linear", 0.55), ("constant", 1.0)):
     c.optim.schedule = kind
-    np.testing.assert_allclose(float(schedules.make_schedule(c.optim)(60)), mid, rtol=1e-5)
+    np.testing.assert_allclose(float(optim.make_schedule(c.optim)(60)), mid, rtol=1e-5)
 
 
 def test_weight_decay_mask_skips_norms_and_biases():
   state, _ = small_state()
-  mask = schedules.decay_mask(state.params)
+  mask = optim.decay_mask(state.params)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
   assert any(v for k, v in flat.items() if "kernel" in k)
   assert any(v for k, v in flat.items() if "embedding" in k)
@@ -128,7 +130,7 @@ def test_results_and_workdir_contents(tiny_run):
 
 def test_eval_of_checkpoint_equals_end_of_training(tiny_run):
   workdir, results = tiny_run
-  ev = train.evaluate_checkpoint(workdir)
+  ev = evaluation.evaluate_checkpoint(workdir)
   for key in ("val_loss", "val_accuracy", "train_loss", "val_english_loss"):
     assert ev[key] == pytest.approx(results[key], rel=1e-6)
 
@@ -158,7 +160,7 @@ def test_extending_steps_resumes(tmp_path):
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
-    train.evaluate_checkpoint(str(tmp_path))
+    evaluation.evaluate_checkpoint(str(tmp_path))
 
 
 @pytest.mark.slow
@@ -189,11 +191,10 @@ def test_launch_train_then_eval_end_to_end(tmp_path):
 def test_fields_added_later_match_their_absent_meaning():
   """A workdir saved before a field existed resumes when the new field keeps the old
   behaviour, and is refused when it changes it."""
-  from lmmask import checkpoint as ckpt
-  new = ckpt.config_to_dict(tiny_config())
+  new = config_lib.to_dict(tiny_config())
   old = json.loads(json.dumps(new))
   del old["model"]["norm"], old["loss"]["z_loss"]
-  assert ckpt.config_diff(old, new) == []
+  assert config_lib.identity_diff(old, new) == []
   changed = json.loads(json.dumps(new))
   changed["model"]["norm"] = "rmsnorm"
-  assert [d[0] for d in ckpt.config_diff(old, changed)] == ["model.norm"]
+  assert [d[0] for d in config_lib.identity_diff(old, changed)] == ["model.norm"]

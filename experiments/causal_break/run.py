@@ -33,10 +33,10 @@ import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmmask import audit, evaluation, losses, train  # noqa: E402
-from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask import ngram  # noqa: E402
-from lmmask.data import pipeline  # noqa: E402
+from lmmask import audit, eval_verbs, evaluation, losses, ngram, train  # noqa: E402
+from lmmask import step as step_lib  # noqa: E402
+from lmmask import workdir as workdir_lib  # noqa: E402
+from lmmask.data import pipeline, verbs_source  # noqa: E402
 
 TINY = common.is_tiny()
 OUT = common.output_dir(HERE)  # REPORT.md, results.json, figures/
@@ -86,7 +86,7 @@ def collapse_stats(rows, vocab):
 
 @jax.jit  # once per batch shape: run op by op, this dispatches hundreds of kernels
 def _token_nll(state, batch):
-  logits = train._forward(state, state.params, batch, deterministic=True)
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
   return losses.per_token_nll(logits, batch.targets, batch.loss_mask)[0]
 
 
@@ -113,21 +113,21 @@ def evaluate_run(name, workdir, config):
   pad, bs = corpus.vocab.pad_id, config.data.eval_batch_size
   out = {"step": step}
   sets = train.build_eval_sets(config, train_split, val_split, pad)
-  out.update(train.run_evals(state, sets))
+  out.update(step_lib.run_evals(state, sets))
   for split_name, split in (("train", train_split), ("val", val_split)):
-    inf = evaluation.prefix_recompute_eval(
+    inf = eval_verbs.prefix_recompute_eval(
         state, pipeline.eval_batches(split, batch_size=bs, pad_id=pad))
     out.update({f"{split_name}_inference_loss": inf["loss"],
                 f"{split_name}_inference_ppl": inf["ppl"],
                 f"{split_name}_inference_accuracy": inf["accuracy"]})
   out["val_by_seen_target"] = val_loss_by_seen_target(state, corpus, val_split, bs)
-  greedy = evaluation.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
+  greedy = eval_verbs.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
                                   num_examples=12)
   out["greedy"] = {k: v for k, v in greedy.items() if k != "rows"}
   out["greedy_collapse"] = collapse_stats(greedy["rows"], corpus.vocab)
   sampled = []
   for s in SAMPLE_SEEDS:
-    em = evaluation.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
+    em = eval_verbs.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
                                 num_examples=6, temperature=SAMPLE_TEMPERATURE,
                                 rng=jax.random.PRNGKey(s))
     sampled.append(em)
@@ -136,8 +136,8 @@ def evaluate_run(name, workdir, config):
   out["sampled_collapse"] = collapse_stats(sampled[0]["rows"], corpus.vocab)
   # the best-by-val-loss checkpoint (kept by train.py), for comparison with the final one
   _, _, _, _, best, best_step = evaluation.load_state(workdir, None, "best")
-  bev = train.evaluate(best, sets["val"])
-  bem = evaluation.exact_match(best, corpus, max_new_tokens=config.eval.max_new_tokens,
+  bev = step_lib.evaluate(best, sets["val"])
+  bem = eval_verbs.exact_match(best, corpus, max_new_tokens=config.eval.max_new_tokens,
                                num_examples=0)
   out["best"] = {"step": best_step, "val_loss": bev["loss"], "val_ppl": bev["ppl"],
                  "exact_match": bem["exact_match"],
@@ -423,10 +423,10 @@ def main():
     r["min_batch_loss"] = min(by_step.values())
     r["first_batch_below_1e-4"] = first_step_below(m["train"], "loss", 1e-4)
     runs[name] = r
-  corpus = train.load_verb_data(configs["causal"])[0]
+  corpus = verbs_source.splits(configs["causal"])[0]
   summary = {
       "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "git_commit": train.provenance()["git_commit"], "device": jax.devices()[0].device_kind,
+      "git_commit": workdir_lib.provenance()["git_commit"], "device": jax.devices()[0].device_kind,
       "root": root, "seed": configs["causal"].seed, "steps": configs["causal"].train.steps,
       "num_params": runs["causal"]["num_params"],
       "entropy_floor": floor, "log_vocab": math.log(len(corpus.vocab)),
@@ -442,7 +442,7 @@ def main():
   summary["wall_seconds"] = time.time() - t0
   summary["reading"] = reading(summary)
   write_report(summary, os.path.join(OUT, "REPORT.md"))
-  ckpt.atomic_write_json(os.path.join(OUT, "results.json"), summary)
+  workdir_lib.atomic_write_json(os.path.join(OUT, "results.json"), summary)
   print(f"wrote {os.path.join(OUT, 'REPORT.md')}")
   c, b = runs["causal"], runs["no_causal"]
   print(f"floor {floor:.4f} | causal train {c['train_loss']:.4f} val {c['val_loss']:.4f} "

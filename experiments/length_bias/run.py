@@ -23,9 +23,12 @@ import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask import losses, sweep, train  # noqa: E402
+from lmmask import losses, sweep  # noqa: E402
 from lmmask.batching import batch_from_ids  # noqa: E402
 from lmmask.data import pipeline, verbs  # noqa: E402
+from lmmask import step as step_lib
+from lmmask.data import verbs_source
+from lmmask import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = common.output_dir(HERE)
@@ -33,9 +36,9 @@ REDS = ("token_mean", "seq_mean", "seq_mean_of_means")  # token_mean first: the 
 
 
 def restore_state(point_dir):
-  config = ConfigDict(ckpt.load_saved_config(point_dir))
-  corpus, _, _ = train.load_verb_data(config)
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+  config = ConfigDict(workdir_lib.load_config(point_dir))
+  corpus, _, _ = verbs_source.splits(config)
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=len(corpus.vocab))
   mngr = ckpt.manager(point_dir, ckpt.CKPT_DIR, config.train.keep_checkpoints, create=False)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -45,7 +48,7 @@ def restore_state(point_dir):
 
 @jax.jit  # once per batch shape: run op by op, this dispatches hundreds of kernels
 def _nll(state, batch):
-  logits = train._forward(state, state.params, batch, deterministic=True)
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
   nll, _, mask = losses.per_token_nll(logits, batch.targets, batch.loss_mask)
   return nll, mask
 

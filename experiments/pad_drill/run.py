@@ -25,9 +25,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmmask import losses, sweep, train  # noqa: E402
+from lmmask import config as config_lib  # noqa: E402
+from lmmask import losses, sweep  # noqa: E402
 from lmmask.batching import batch_from_ids  # noqa: E402
 from lmmask.data import pipeline  # noqa: E402
+from lmmask import parallel
+from lmmask import step as step_lib
+from lmmask.data import verbs_source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = common.output_dir(HERE)
@@ -39,7 +43,7 @@ TARGET_P = (0.5, 0.7, 0.9)  # reached by appending all-pad rows to the L = 14 ba
 
 
 def make_config(seed):
-  return sweep.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {
+  return config_lib.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {
       "seed": seed, "train.steps": STEPS, "optim.decay_steps": STEPS,
       "optim.warmup_steps": 30, "data.batch_size": 32, "train.progress_bar": False})
 
@@ -48,14 +52,14 @@ def train_all():
   """2 regimes x 2 seeds under one vmapped train_step; returns the 4 final states."""
   runs = [(reg, s) for reg in REGIMES for s in SEEDS]
   configs = [make_config(s) for _, s in runs]
-  train.setup_jax_cache(configs[0].train.jax_cache_dir)
-  corpus, tr, _ = train.load_verb_data(configs[0])
-  states = [train.create_train_state(c, jax.random.PRNGKey(c.seed),
+  parallel.setup_jax_cache(configs[0].train.jax_cache_dir)
+  corpus, tr, _ = verbs_source.splits(configs[0])
+  states = [step_lib.create_train_state(c, jax.random.PRNGKey(c.seed),
                                      vocab_size=len(corpus.vocab)) for c in configs]
   s0 = states[0]
   states = [s.replace(graphdef=s0.graphdef, tx=s0.tx, schedule=s0.schedule) for s in states]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
-  step_fn = jax.jit(jax.vmap(train.train_step), donate_argnums=0)
+  step_fn = jax.jit(jax.vmap(step_lib.train_step), donate_argnums=0)
   pad = corpus.vocab.pad_id
   curve = []
   for step in range(STEPS):
@@ -91,7 +95,7 @@ def drill_batches(split, pad):
 
 @jax.jit  # once per batch shape: run op by op, this dispatches hundreds of kernels
 def _losses(state, batch):
-  logits = train._forward(state, state.params, batch, deterministic=True)
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
   masked, _ = losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask)
   ones = jnp.ones_like(batch.loss_mask)
   pads_in, _ = losses.masked_cross_entropy(logits, batch.targets, ones)

@@ -21,8 +21,11 @@ import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmmask import config as config_lib  # noqa: E402
 from lmmask import losses, sweep, train  # noqa: E402
 from lmmask.data import pipeline  # noqa: E402
+from lmmask import step as step_lib
+from lmmask.data import verbs_source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = common.output_dir(HERE)
@@ -107,13 +110,13 @@ def plot_collapse(arm, curves, ratios):
 
 def grad_norm_ratios(n_batches=8):
   """Gradient global norm of each reduction / that of token_mean, same params and batch."""
-  base = sweep.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {})
-  corpus, tr, _ = train.load_verb_data(base)
-  state = train.create_train_state(base, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  base = config_lib.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {})
+  corpus, tr, _ = verbs_source.splits(base)
+  state = step_lib.create_train_state(base, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
 
   def gnorm(params, batch, reduction):
     def f(p):
-      logits = train._forward(state, p, batch, deterministic=True)
+      logits = step_lib.forward(state, p, batch, deterministic=True)
       return losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask,
                                          reduction=reduction)[0]
     g = jax.grad(f)(params)

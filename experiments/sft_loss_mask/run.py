@@ -46,6 +46,8 @@ from lmmask import chat_eval, train  # noqa: E402
 from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask.batching import batch_from_ids  # noqa: E402
 from lmmask.data import prepare, shards  # noqa: E402
+from lmmask import step as step_lib
+from lmmask import workdir as workdir_lib
 
 SEEDS = (0, 1, 2)
 
@@ -62,9 +64,9 @@ def chat_config(arg):
 
 def restore(workdir):
   """(config, state) of a workdir's latest checkpoint."""
-  config = ConfigDict(ckpt.load_saved_config(workdir))
+  config = ConfigDict(workdir_lib.load_config(workdir))
   meta = shards.read_meta(config.data.path)
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=meta["vocab_size"])
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints, create=False)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -85,7 +87,7 @@ def token_losses(state, split, length, pad_id, batch_size=64):
         ids[r, :t.size] = t
         tlm[r, :t.size] = (m == pick)
       batches.append(batch_from_ids(ids, pad_id=pad_id, token_loss_mask=tlm))
-    out[f"{name}_loss"] = train.evaluate(state, batches)["loss"]
+    out[f"{name}_loss"] = step_lib.evaluate(state, batches)["loss"]
   return out
 
 
@@ -147,7 +149,7 @@ def main(root="runs/sft_loss_mask", variant=""):
              "sft_steps": sft_on.train.steps, "pretrain_steps": pre.train.steps,
              "chat_meta": {k: meta["splits"][k]["mask_density"] for k in meta["splits"]},
              "variant": variant, "minutes": (time.time() - t0) / 60, "reused": reused}
-  ckpt.atomic_write_json(os.path.join(root, "summary.json"), summary)
+  workdir_lib.atomic_write_json(os.path.join(root, "summary.json"), summary)
   report = write_report(summary, examples, pre, sft_on, meta)
   paths = [os.path.join(root, "REPORT.md")]
   if root == os.path.abspath("runs/sft_loss_mask") and not variant:

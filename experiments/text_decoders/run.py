@@ -32,16 +32,19 @@ from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from lmmask import checkpoint as ckpt  # noqa: E402
+from lmmask import step as step_lib  # noqa: E402
 from lmmask import sweep, train  # noqa: E402
+from lmmask import workdir as workdir_lib  # noqa: E402
+from lmmask.data import registry  # noqa: E402
 from lmmask.model import count_params  # noqa: E402
 
 PROMPTS = ("The GNU General Public License", "You may convey", "If you", "  13. ")
 
 
 def restore_best(workdir):
-  config = ConfigDict(ckpt.load_saved_config(workdir))
-  data = train.load_data(config, workdir)
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+  config = ConfigDict(workdir_lib.load_config(workdir))
+  data = registry.load(config, workdir)
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=data.vocab_size)
   mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1, create=False)
   step, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -119,7 +122,7 @@ def main(workdirs, max_new=48):
   for wd in workdirs:
     config, data, state, step = restore_best(wd)
     eval_sets = data.eval_sets()
-    ev = train.run_evals(state, eval_sets)
+    ev = step_lib.run_evals(state, eval_sets)
     m = config.model
     print(f"== {wd}: pos={m.pos_encoding} norm={m.norm} mlp={m.mlp} d_ff={m.d_ff} "
           f"n_kv_heads={m.n_kv_heads} params={count_params(state.model())} best step={step}")

@@ -4,12 +4,13 @@ Input, one JSON object per line:
   chat:  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   text:  {"text": "..."}
 
-Tokenizer: a byte-level BPE trained locally with the `tokenizers` library on the
-training text (never downloaded), saved as ``tokenizer.json`` next to the shards.
-Its special tokens have fixed ids: ``<pad>=0 <bos>=1 <eos>=2 <|system|>=3
-<|user|>=4 <|assistant|>=5 <|end|>=6``. Each message's content is encoded on its
-own (no BPE merge crosses a turn), and content that spells a special token is
-refused, so a role tag can only come from the structure of the conversation.
+Tokenizer: the byte-level BPE of lmmask/data/tokenizer.py trained on the
+training text (never downloaded), saved as ``tokenizer.json`` next to the shards
+(the one shard format, lmmask/data/shards.py). Its special tokens have fixed
+ids: ``<pad>=0 <bos>=1 <eos>=2 <|system|>=3 <|user|>=4 <|assistant|>=5 <|end|>=6``.
+Each message's content is encoded on its own (no BPE merge crosses a turn), and
+content that spells a special token is refused, so a role tag can only come
+from the structure of the conversation.
 
 A conversation becomes::
 
@@ -20,7 +21,7 @@ Loss-mask rules (1 = this token counts as a target):
     model must learn to stop);
   * 0 on ``<bos>``, on system and user turns (tags, content and ``<|end|>``) and on
     the OPENING ``<|assistant|>`` tag: including it teaches the model to emit role
-    tags itself (seed 004, "model only generates special tokens");
+    tags itself (the model then learns to emit nothing but special tokens);
   * every assistant turn of a multi-turn conversation is masked in this way.
 Plain text becomes ``<bos> text <eos>`` with a mask of all ones (pre-training).
 """
@@ -31,85 +32,21 @@ import os
 import tempfile
 import warnings
 
+from lmmask.data import shards, synthetic_chat, tokenizer
+from lmmask.data.tokenizer import Tokenizer
 
-from lmmask.data import shards, synthetic_chat
-
-PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-END = "<|end|>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, ROLE_TAGS["system"], ROLE_TAGS["user"],
-                  ROLE_TAGS["assistant"], END)
+PAD, BOS, EOS = tokenizer.TEXT_SPECIALS
+ROLE_TAGS = tokenizer.CHAT_ROLE_TAGS
+END = tokenizer.CHAT_END
+SPECIAL_TOKENS = tokenizer.CHAT_SPECIALS
 FORMATS = ("chat", "text")
 
 
-# ---------------------------------------------------------------------------
-# Tokenizer.
-
-def _tokenizers():
-  try:
-    import tokenizers
-  except ImportError as e:  # declared in setup.cfg; say how to fix a stale env
-    raise ImportError("lmmask.data.prepare needs the `tokenizers` package: "
-                      "pip install 'tokenizers>=0.15'") from e
-  return tokenizers
-
-
-def train_tokenizer(texts, vocab_size: int):
-  """A byte-level BPE trained on ``texts`` with SPECIAL_TOKENS at ids 0..6."""
-  tk = _tokenizers()
-  if vocab_size < 256 + len(SPECIAL_TOKENS):
-    raise ValueError(f"prepare.vocab_size={vocab_size} is too small for a byte-level BPE: "
-                     f"it needs >= {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
-  tok = tk.Tokenizer(tk.models.BPE())
-  tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tk.decoders.ByteLevel()
-  trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                   initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-                                   show_progress=False)
-  tok.train_from_iterator(texts, trainer)
-  return ChatTokenizer(tok)
-
-
-class ChatTokenizer:
-  """A `tokenizers.Tokenizer` plus the role-tag ids and the lmmask text rules."""
-
-  def __init__(self, tok):
-    self.tok = tok
-    ids = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS}
-    expected = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
-    if ids != expected:
-      raise ValueError(f"tokenizer special tokens {ids} do not match lmmask's fixed ids "
-                       f"{expected}; train it with prepare.train_tokenizer")
-    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-    self.role_id = {r: ids[t] for r, t in ROLE_TAGS.items()}
-    self.end_id = ids[END]
-    self.tag_ids = frozenset(self.role_id.values())
-
-  @classmethod
-  def load(cls, path: str) -> "ChatTokenizer":
-    if os.path.isdir(path):
-      path = os.path.join(path, shards.TOKENIZER_FILE)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"no tokenizer at {path}; prepare the pre-training data first "
-                              f"(it trains the tokenizer) or set prepare.tokenizer=''")
-    return cls(_tokenizers().Tokenizer.from_file(path))
-
-  def save(self, path: str):
-    self.tok.save(path)
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tok.get_vocab_size()
-
-  def encode_text(self, text: str, where: str = "text") -> list[int]:
-    for s in SPECIAL_TOKENS:
-      if s in text:
-        raise ValueError(f"{where} contains the special token {s!r}; content may not spell "
-                         f"role tags (they would be read as structure). Remove or escape it.")
-    return self.tok.encode(text, add_special_tokens=False).ids
-
-  def decode(self, ids, skip_special: bool = True) -> str:
-    return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
+  """The chat tokenizer: a byte-level BPE trained on ``texts`` with SPECIAL_TOKENS at
+  ids 0..6."""
+  return Tokenizer.chat(tokenizer.train_bpe(texts, vocab_size, SPECIAL_TOKENS,
+                                            field="prepare.vocab_size"))
 
 
 # ---------------------------------------------------------------------------
@@ -140,7 +77,7 @@ def check_conversation(obj, where: str) -> list[dict]:
   return msgs
 
 
-def encode_conversation(tok: ChatTokenizer, messages, *, where: str = "conversation"):
+def encode_conversation(tok: Tokenizer, messages, *, where: str = "conversation"):
   """(ids, mask) lists for one conversation, by the rules in the module docstring."""
   ids, mask = [tok.bos_id], [0]
   for j, m in enumerate(messages):
@@ -151,7 +88,7 @@ def encode_conversation(tok: ChatTokenizer, messages, *, where: str = "conversat
   return ids, mask
 
 
-def encode_plain_text(tok: ChatTokenizer, text: str, *, where: str = "text"):
+def encode_plain_text(tok: Tokenizer, text: str, *, where: str = "text"):
   content = tok.encode_text(text, where=where)
   ids = [tok.bos_id, *content, tok.eos_id]
   return ids, [1] * len(ids)
@@ -232,7 +169,7 @@ def prepare(config) -> dict:
                           f"or set prepare.overwrite=True")
   records = {s: read_jsonl(f, p.format) for s, f in _inputs(config).items()}
   if p.tokenizer:
-    tok = ChatTokenizer.load(p.tokenizer)
+    tok = Tokenizer.load_chat(p.tokenizer)
   else:
     tok = train_tokenizer(_texts(records[d.train_split], p.format), p.vocab_size)
   max_tokens = p.max_tokens or d.length

@@ -1,4 +1,4 @@
-"""Token shards with aligned loss-mask shards, and a memory-mapped, resumable loader.
+"""The one token/mask shard format: writer, memory-mapped reader, validation.
 
 On-disk layout of a dataset directory (format version 1)::
 
@@ -12,24 +12,24 @@ On-disk layout of a dataset directory (format version 1)::
                                 document (one conversation, or one plain-text doc)
 
 A document never straddles two shards. Plain-text (pre-training) data has mask
-shards of all ones.
+shards of all ones. This is the one token/mask format: chat and text datasets
+made by ``--mode=prepare`` and the shards a text run writes into
+``<workdir>/data`` (kind "text"). Text workdirs written before that used one
+meta.json per split (``<path>/<split>/meta.json``, format
+"lmmask-token-shards-v1") over the same binaries; `read_meta` still reads them.
 
-The loader turns whole documents into rows: every row is ONE document from its
-first token, right-padded to ``data.length`` -- never a window that crosses a
-document boundary or starts mid-turn, so no token can attend to another
-conversation. The token mask is handed to `batching.batch_from_ids` aligned with
-the ids, so it is shifted exactly like the targets (``loss_mask[:, t]`` is the
-mask of ``targets[:, t] = ids[:, t + 1]``).
-
-Which documents go into the batch of training step ``k`` is a pure function of
-(seed, k) (`pipeline.batch_indices`: consecutive slots of per-epoch shuffles), so
-the loader's position is the step stored in the checkpoint: a resumed run
-continues with batch ``k``, not with the first one.
+The corpus "shards" (`source`) turns whole documents into rows: every row is
+ONE document from its first token, right-padded to ``data.length`` -- never a
+window that crosses a document boundary or starts mid-turn, so no token can
+attend to another conversation. The token mask is shifted exactly like the
+targets (``loss_mask[:, t]`` is the mask of ``targets[:, t] = ids[:, t + 1]``).
+The batch of training step ``k`` is a pure function of (seed, k)
+(`pipeline.batch_indices`), so a resumed run continues with batch ``k``.
+(The corpus "text", data/text.py, cuts the same shards into windows instead.)
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -40,12 +40,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from lmmask.batching import Batch, batch_from_ids
-from lmmask.data import pipeline
+from lmmask.data import pipeline, tokenizer
 from lmmask.data.source import DataSource
+from lmmask.data.tokenizer import TOKENIZER_FILE, sha256_file
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
+LEGACY_SPLIT_FORMAT = "lmmask-token-shards-v1"  # per-split meta.json of older text workdirs
 INDEX_FILE = "docs.npy"
 TOKEN_DTYPE = np.dtype("<u4")
 MASK_DTYPE = np.dtype("u1")
@@ -58,14 +59,6 @@ def shard_file(i: int) -> str:
 
 def mask_file(i: int) -> str:
   return f"shard_{i:03d}_mask.bin"
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -181,8 +174,43 @@ def write_dataset(path: str, splits: dict, *, vocab_size: int, pad_id: int, kind
 # ---------------------------------------------------------------------------
 # Reading and validation.
 
+def _legacy_split_meta(path: str) -> dict | None:
+  """The root meta of an older text workdir's `<path>/data` (one meta.json per split,
+  same binaries), or None when `path` is not laid out that way."""
+  names = sorted(n for n in os.listdir(path) if os.path.exists(os.path.join(path, n, META_FILE)))
+  if not names:
+    return None
+  splits, first = {}, None
+  for name in names:
+    with open(os.path.join(path, name, META_FILE)) as fh:
+      m = json.load(fh)
+    if m.get("format") != LEGACY_SPLIT_FORMAT:
+      raise ValueError(f"{path}/{name}/{META_FILE} has format {m.get('format')!r}, expected "
+                       f"{LEGACY_SPLIT_FORMAT!r}; this is not an lmmask token-shard directory")
+    if first is not None and m["fingerprint"] != first["fingerprint"]:
+      raise ValueError(f"the splits in {path} were built from different inputs; use a new "
+                       f"--workdir")
+    first = first or m
+    shard_list = [{"tokens": s + ".bin", "mask": s + "_mask.bin",
+                   "num_tokens": _file_len(os.path.join(path, name, s + ".bin"), TOKEN_DTYPE)}
+                  for s in m["shards"]]
+    splits[name] = {"num_docs": m["num_docs"], "num_tokens": m["num_tokens"],
+                    "shards": shard_list}
+  return {"format_version": FORMAT_VERSION, "kind": "text", "vocab_size": first["vocab_size"],
+          "pad_id": first["pad_id"], "bos_id": first["bos_id"], "eos_id": first["eos_id"],
+          "token_dtype": "uint32", "mask_dtype": "uint8", "index_file": INDEX_FILE,
+          "tokenizer": None, "tokenizer_sha256": first["fingerprint"]["tokenizer_sha256"],
+          "fingerprint": first["fingerprint"], "source": first["source"],
+          "layout": "per-split meta.json", "splits": splits}
+
+
 def read_meta(path: str) -> dict:
+  """A dataset's meta.json (older per-split text layouts are converted in memory)."""
   f = os.path.join(path, META_FILE)
+  if not os.path.exists(f) and os.path.isdir(path):
+    legacy = _legacy_split_meta(path)
+    if legacy is not None:
+      return legacy
   if not os.path.exists(f):
     raise FileNotFoundError(f"no {META_FILE} in {path}: not a shard dataset. Create one with "
                             f"`python launch.py --mode=prepare --config=...`")
@@ -281,9 +309,11 @@ class ShardSplit:
   def num_tokens(self) -> int:
     return int(sum(t.size for t in self.tokens))
 
-  def doc(self, i: int):
-    """(tokens int64, mask uint8 or None) of document ``i``."""
-    s, start, n = (int(x) for x in self.index[i])
+  def doc(self, i: int, offset: int = 0, n: int | None = None):
+    """(tokens int64, mask uint8 or None) of document ``i``, or of its ``n`` tokens
+    from ``offset`` (a window: only those are read from the shard)."""
+    s, start, size = (int(x) for x in self.index[i])
+    start, n = start + offset, size - offset if n is None else n
     toks = np.asarray(self.tokens[s][start:start + n], dtype=np.int64)
     mask = None if self.masks is None else np.asarray(self.masks[s][start:start + n])
     return toks, mask
@@ -366,9 +396,12 @@ class ShardLoader:
 
 
 # ---------------------------------------------------------------------------
-# The training-loop adapter (train.load_data dispatches here for corpus="shards").
+# The corpus "shards" (lmmask/data/registry.py): a dataset made by --mode=prepare.
 
-def data_source(config) -> DataSource:
+def source(config, workdir: str | None = None) -> DataSource:
+  """Whole-document rows of the dataset at config.data.path (`workdir` is unused:
+  the data lives where prepare wrote it)."""
+  del workdir
   d = config.data
   if not d.path:
     raise ValueError("config.data.path is empty: point it at a dataset directory made by "
@@ -391,8 +424,19 @@ def data_source(config) -> DataSource:
       # use_loss_mask says: the number to compare mask-on and mask-off runs by.
       sets["val_masked"] = ShardLoader(val, use_loss_mask=True, **kw).eval_batches(bs, cap)
     return sets
-  info = {"data_path": os.path.abspath(d.path), "kind": meta["kind"],
-          "tokenizer_sha256": meta.get("tokenizer_sha256"), "vocab_size": meta["vocab_size"],
-          "pad_id": meta["pad_id"], "train_mask_density": train.density}
-  return DataSource(vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
-                    train_batch=train_loader.batch, eval_sets=eval_sets, info=info)
+  # Exactly the dict model.json has always recorded for this corpus, so the
+  # tokenizer comparison of train.init_from matches runs written before.
+  identity = {"data_path": os.path.abspath(d.path), "kind": meta["kind"],
+              "tokenizer_sha256": meta.get("tokenizer_sha256"),
+              "vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"],
+              "train_mask_density": train.density}
+  info = dict(identity, meta=meta, train=train, val=val,
+              train_loader=train_loader, val_loader=val_loader)
+  tok = None  # a dataset written without a tokenizer (tests) has no text side
+  if meta.get("tokenizer"):  # prepare's tokenizers have the chat tags (text data too)
+    chat = tokenizer.CHAT_END in meta.get("special_tokens", ())
+    load = tokenizer.Tokenizer.load_chat if chat else tokenizer.Tokenizer.load
+    tok = load(os.path.join(d.path, meta["tokenizer"]))
+  return DataSource(name="shards", vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
+                    train_batch=train_loader.batch, eval_sets=eval_sets, tokenizer=tok,
+                    identity=identity, info=info)

@@ -6,46 +6,38 @@ order, symlinked and identical files once) is cut into documents at
 whole). Exact duplicate documents are dropped, then a seeded fraction of the
 documents is held out for validation: the split is by document, never by line.
 
-Tokenizer: a byte-level BPE trained with the `tokenizers` library on the
-training documents only (vocabulary size from the config) and saved as
+Tokenizer: a byte-level BPE (lmmask/data/tokenizer.py) trained on the training
+documents only (vocabulary size from the config) and saved as
 `<workdir>/tokenizer.json`, or an existing tokenizer.json named in the config.
 
-Token shards (written once per workdir, into a temporary directory renamed into
-place, then only memory-mapped):
-
-  <workdir>/data/<split>/
-    meta.json            format, vocab size, special ids, counts, shard names,
-                         fingerprint of the inputs (text, tokenizer, settings)
-    shard_000.bin        uint32 token ids, documents back to back, each one
-                         <bos> tokens <eos>
-    shard_000_mask.bin   uint8 per-token loss mask, aligned with the tokens
-                         (all ones for pre-training; chat data would zero some)
-    docs.npy             int64 (num_docs, 3): shard index, start, length
+Token shards: `<workdir>/data` is a dataset in the one shard format
+(lmmask/data/shards.py, kind "text"): splits `train` and `val`, each
+`shard_NNN.bin` (uint32 ids, documents back to back, each <bos> tokens <eos>),
+`shard_NNN_mask.bin` (all ones) and `docs.npy`; the root meta.json records a
+fingerprint of the inputs (text, tokenizer, settings). It is written once, into
+a temporary directory renamed into place, then only memory-mapped; a later run
+whose inputs differ is refused.
 
 Windows: a document of n tokens gives windows of at most `data.length` tokens
 starting every length-1 tokens, so each next-token pair is a target exactly once
 and no window holds two documents. A full window fills a row; shorter windows
-are packed several to a row (segment ids keep them apart and restart their
-positions) or, with `data.pack=False`, padded one to a row.
+are packed several to a row (`packing.greedy_rows`; segment ids keep them apart
+and restart their positions) or, with `data.packing=False`, padded one to a row.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from lmmask import batching
-from lmmask.data import pipeline
+from lmmask import packing as packing_lib
+from lmmask.data import pipeline, shards, tokenizer
 from lmmask.data.source import DataSource
+from lmmask.data.tokenizer import TOKENIZER_FILE
 
-FORMAT = "lmmask-token-shards-v1"
-TOKENIZER_FILE = "tokenizer.json"
-DATA_DIR = "data"
+DATA_DIR = "data"  # <workdir>/data: the run's token shards
 
 
 # ---------------------------------------------------------------------------
@@ -118,157 +110,6 @@ def split_documents(docs, val_fraction: float, seed: int):
 
 
 # ---------------------------------------------------------------------------
-# Tokenizer.
-
-@dataclasses.dataclass(frozen=True)
-class Tokenizer:
-  """A `tokenizers.Tokenizer` with the three ids lmmask uses."""
-  tok: object
-  pad_id: int
-  bos_id: int
-  eos_id: int
-  path: str
-  sha256: str
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tok.get_vocab_size(with_added_tokens=True)
-
-  def encode(self, text: str) -> list[int]:
-    return self.tok.encode(text, add_special_tokens=False).ids
-
-  def encode_document(self, text: str) -> list[int]:
-    return [self.bos_id, *self.encode(text), self.eos_id]
-
-  def decode(self, ids) -> str:
-    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def _sha256_file(path):
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
-def train_bpe(texts, vocab_size: int, path: str, special_tokens=("<pad>", "<bos>", "<eos>")):
-  """Train a byte-level BPE on `texts` and save it (atomically) to `path`."""
-  from tokenizers import Tokenizer as HFTokenizer
-  from tokenizers import decoders, models, pre_tokenizers, trainers
-  alphabet = pre_tokenizers.ByteLevel.alphabet()
-  if vocab_size < len(alphabet) + len(special_tokens):
-    raise ValueError(f"data.vocab_size={vocab_size} is below the {len(alphabet)} byte "
-                     f"symbols + {len(special_tokens)} special tokens a byte-level BPE needs")
-  tok = HFTokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                initial_alphabet=alphabet, show_progress=False)
-  tok.train_from_iterator(list(texts), trainer)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_tok_", suffix=".json")
-  os.close(fd)
-  try:
-    tok.save(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
-def load_tokenizer(path: str, *, pad_token: str, bos_token: str, eos_token: str) -> Tokenizer:
-  from tokenizers import Tokenizer as HFTokenizer
-  if not os.path.isfile(path):
-    raise ValueError(f"tokenizer file {path!r} does not exist; set data.tokenizer to a "
-                     f"tokenizer.json, or to '' to train one")
-  tok = HFTokenizer.from_file(path)
-  ids = {}
-  for role, token in (("pad", pad_token), ("bos", bos_token), ("eos", eos_token)):
-    i = tok.token_to_id(token)
-    if i is None:
-      raise ValueError(f"tokenizer {path} has no {role} token {token!r}; set "
-                       f"data.{role}_token to one of its special tokens")
-    ids[role] = i
-  return Tokenizer(tok=tok, pad_id=ids["pad"], bos_id=ids["bos"], eos_id=ids["eos"],
-                   path=path, sha256=_sha256_file(path))
-
-
-# ---------------------------------------------------------------------------
-# Token shards.
-
-def write_shards(out_dir: str, docs_ids, *, meta: dict, shard_tokens: int = 1 << 26,
-                 masks=None) -> None:
-  """Write token/mask shards, docs.npy and meta.json into `out_dir` (must not exist)."""
-  if os.path.exists(out_dir):
-    raise ValueError(f"{out_dir} already exists; token shards are written once")
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_shards_")
-  try:
-    shards, index = [], []
-    buf, mbuf, count = [], [], 0
-
-    def flush():
-      nonlocal buf, mbuf, count
-      name = f"shard_{len(shards):03d}"
-      np.concatenate(buf).astype(np.uint32).tofile(os.path.join(tmp, name + ".bin"))
-      np.concatenate(mbuf).astype(np.uint8).tofile(os.path.join(tmp, name + "_mask.bin"))
-      shards.append(name)
-      buf, mbuf, count = [], [], 0
-
-    for i, ids in enumerate(docs_ids):
-      ids = np.asarray(ids, np.uint32)
-      m = np.ones(len(ids), np.uint8) if masks is None else np.asarray(masks[i], np.uint8)
-      if m.shape != ids.shape:
-        raise ValueError(f"mask of document {i} has {m.shape[0]} entries for {len(ids)} tokens")
-      if count and count + len(ids) > shard_tokens:
-        flush()
-      index.append((len(shards), count, len(ids)))
-      buf.append(ids)
-      mbuf.append(m)
-      count += len(ids)
-    if buf:
-      flush()
-    np.save(os.path.join(tmp, "docs.npy"), np.asarray(index, np.int64).reshape(-1, 3))
-    full = dict(meta, format=FORMAT, shards=shards, num_docs=len(index),
-                num_tokens=int(sum(n for _, _, n in index)))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump(full, f, indent=2, sort_keys=True)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-class TokenShards:
-  """Memory-mapped shards: `doc(i)` -> uint32 tokens, `doc_mask(i)` -> uint8 mask."""
-
-  def __init__(self, directory: str):
-    path = os.path.join(directory, "meta.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"no meta.json in {directory}: not a token-shard directory")
-    with open(path) as f:
-      self.meta = json.load(f)
-    if self.meta.get("format") != FORMAT:
-      raise ValueError(f"{directory} has format {self.meta.get('format')!r}, expected {FORMAT}")
-    self.tokens = [np.memmap(os.path.join(directory, s + ".bin"), dtype=np.uint32, mode="r")
-                   for s in self.meta["shards"]]
-    self.masks = [np.memmap(os.path.join(directory, s + "_mask.bin"), dtype=np.uint8, mode="r")
-                  for s in self.meta["shards"]]
-    self.docs = np.load(os.path.join(directory, "docs.npy"), mmap_mode="r")
-
-  def __len__(self):
-    return self.docs.shape[0]
-
-  def doc(self, i):
-    s, start, n = (int(v) for v in self.docs[i])
-    return self.tokens[s][start:start + n]
-
-  def doc_mask(self, i):
-    s, start, n = (int(v) for v in self.docs[i])
-    return self.masks[s][start:start + n]
-
-
-# ---------------------------------------------------------------------------
 # Windows and rows.
 
 def make_windows(doc_lengths, length: int) -> np.ndarray:
@@ -289,32 +130,17 @@ def make_windows(doc_lengths, length: int) -> np.ndarray:
   return np.asarray(out, np.int64).reshape(-1, 3)
 
 
-def pack_rows(window_lengths, length: int, pack: bool) -> list[list[int]]:
-  """Rows of window indices: greedy in order, several short windows per row if `pack`."""
-  rows, cur, used = [], [], 0
-  for w, n in enumerate(window_lengths):
-    if cur and (not pack or used + n > length):
-      rows.append(cur)
-      cur, used = [], 0
-    cur.append(w)
-    used += int(n)
-  if cur:
-    rows.append(cur)
-  return rows
-
-
 class TextSplit:
   """One split: shards + windows + rows, and (B, L) batches of given rows."""
 
-  def __init__(self, shards: TokenShards, *, length: int, pack: bool, pad_id: int,
+  def __init__(self, split: shards.ShardSplit, *, length: int, packing: bool, pad_id: int,
                pad_side: str = "right"):
-    if pack and pad_side != "right":
+    if packing and pad_side != "right":
       raise ValueError("packed rows are right-padded; set data.pad_side='right' or "
-                       "data.pack=False")
-    self.shards, self.length, self.pad_id, self.pad_side = shards, length, pad_id, pad_side
-    lengths = [int(n) for n in shards.docs[:, 2]]
-    self.windows = make_windows(lengths, length)
-    self.rows = pack_rows(self.windows[:, 2], length, pack)
+                       "data.packing=False")
+    self.shards, self.length, self.pad_id, self.pad_side = split, length, pad_id, pad_side
+    self.windows = make_windows([int(n) for n in split.doc_lengths()], length)
+    self.rows = packing_lib.greedy_rows(self.windows[:, 2], length, packing)
     if not self.rows:
       raise ValueError("this split has no window with a target (all documents shorter "
                        "than 2 tokens)")
@@ -326,21 +152,17 @@ class TextSplit:
   def num_targets(self) -> int:
     return int((self.windows[:, 2] - 1).sum())
 
+  def window(self, w: int):
+    """(tokens, mask) of window `w`; the mask is all ones where the shards have none."""
+    toks, mask = self.shards.doc(*(int(v) for v in self.windows[w]))
+    return toks, np.ones(toks.shape, np.uint8) if mask is None else mask
+
   def row_arrays(self, rows):
     """ids, token loss mask and segment ids, each (len(rows), length)."""
-    b, L = len(rows), self.length
-    ids = np.full((b, L), self.pad_id, np.int64)
-    tlm = np.zeros((b, L), np.uint8)
-    seg = np.zeros((b, L), np.int32)
-    for r, row in enumerate(rows):
-      used = sum(int(self.windows[w, 2]) for w in self.rows[row])
-      at = L - used if self.pad_side == "left" else 0
-      for s, w in enumerate(self.rows[row], start=1):
-        d, start, n = (int(v) for v in self.windows[w])
-        ids[r, at:at + n] = self.shards.doc(d)[start:start + n]
-        tlm[r, at:at + n] = self.shards.doc_mask(d)[start:start + n]
-        seg[r, at:at + n] = s
-        at += n
+    pieces = [[self.window(w) for w in self.rows[row]] for row in rows]
+    ids, seg, tlm = packing_lib.fill_rows(pieces, length=self.length, pad_id=self.pad_id,
+                                          pad_side=self.pad_side, dtype=np.int64,
+                                          with_mask=True)
     return ids, tlm, seg
 
   def batch(self, rows) -> batching.Batch:
@@ -365,50 +187,57 @@ class TextSplit:
 
 
 # ---------------------------------------------------------------------------
-# From the config to a DataSource.
+# The corpus "text" (lmmask/data/registry.py).
 
-def prepare(config, workdir: str):
-  """Tokenizer and token shards for `config`, built once in `workdir` and reused."""
+def _tokenizer(config, workdir: str, train_docs) -> tokenizer.Tokenizer:
+  d = config.data
+  specials = dict(pad_token=d.pad_token, bos_token=d.bos_token, eos_token=d.eos_token)
+  if d.tokenizer:
+    return tokenizer.Tokenizer.load(os.path.expanduser(d.tokenizer), **specials)
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.exists(path):
+    tokenizer.save_atomic(tokenizer.train_bpe(
+        train_docs, d.vocab_size, (d.pad_token, d.bos_token, d.eos_token)), path)
+  return tokenizer.Tokenizer.load(path, **specials)
+
+
+def build(config, workdir: str):
+  """(tokenizer, {split: ShardSplit}, val documents) for `config`: the tokenizer and
+  token shards are built once in `workdir` and reused while the inputs match."""
   d = config.data
   docs, text_hash = read_documents(d.path, d.doc_separator)
   train_docs, val_docs = split_documents(docs, d.val_fraction, d.split_seed)
-  specials = dict(pad_token=d.pad_token, bos_token=d.bos_token, eos_token=d.eos_token)
-  if d.tokenizer:
-    tok_path = os.path.expanduser(d.tokenizer)
-  else:
-    tok_path = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.exists(tok_path):
-      train_bpe(train_docs, d.vocab_size, tok_path,
-                special_tokens=(d.pad_token, d.bos_token, d.eos_token))
-  tok = load_tokenizer(tok_path, **specials)
+  tok = _tokenizer(config, workdir, train_docs)
   fingerprint = {"text_sha256": text_hash, "tokenizer_sha256": tok.sha256,
                  "doc_separator": d.doc_separator, "val_fraction": d.val_fraction,
                  "split_seed": d.split_seed}
-  splits = {}
-  for name, texts in (("train", train_docs), ("val", val_docs)):
-    out = os.path.join(workdir, DATA_DIR, name)
-    if not os.path.exists(out):
-      write_shards(out, [tok.encode_document(t) for t in texts],
-                   meta={"fingerprint": fingerprint, "vocab_size": tok.vocab_size,
-                         "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                         "source": os.path.abspath(os.path.expanduser(d.path)),
-                         "split": name},
-                   shard_tokens=d.shard_tokens)
-    shards = TokenShards(out)
-    if shards.meta["fingerprint"] != fingerprint:
-      diff = sorted(k for k in fingerprint if shards.meta["fingerprint"].get(k) != fingerprint[k])
-      raise ValueError(f"the token shards in {out} were built from other inputs (differs: "
-                       f"{', '.join(diff)}); the text or tokenizer changed since. Use a new "
-                       f"--workdir")
-    splits[name] = shards
-  return tok, splits
+  out = os.path.join(workdir, DATA_DIR)
+  if not os.path.exists(out):
+    shards.write_dataset(
+        out, {name: ([tok.encode_document(t) for t in texts], None)
+              for name, texts in (("train", train_docs), ("val", val_docs))},
+        vocab_size=tok.vocab_size, pad_id=tok.pad_id, kind="text", tokenizer_file=tok.path,
+        shard_tokens=d.shard_tokens,
+        extra={"fingerprint": fingerprint, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+               "source": os.path.abspath(os.path.expanduser(d.path))})
+  saved = shards.read_meta(out).get("fingerprint") or {}
+  if saved != fingerprint:
+    diff = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
+    raise ValueError(f"the token shards in {out} were built from other inputs (differs: "
+                     f"{', '.join(diff)}); the text or tokenizer changed since. Use a new "
+                     f"--workdir")
+  splits = {name: shards.ShardSplit(out, name, use_loss_mask=False) for name in ("train", "val")}
+  return tok, splits, val_docs
 
 
-def load_text_data(config, workdir: str) -> DataSource:
+def source(config, workdir: str | None) -> DataSource:
   d = config.data
-  tok, shards = prepare(config, workdir)
-  kw = dict(length=d.length, pack=d.pack, pad_id=tok.pad_id, pad_side=d.pad_side)
-  train, val = TextSplit(shards["train"], **kw), TextSplit(shards["val"], **kw)
+  if not workdir:
+    raise ValueError("corpus 'text' needs a workdir: its tokenizer and token shards are "
+                     "built there (pass --workdir)")
+  tok, splits, val_docs = build(config, workdir)
+  kw = dict(length=d.length, packing=d.packing, pad_id=tok.pad_id, pad_side=d.pad_side)
+  train, val = TextSplit(splits["train"], **kw), TextSplit(splits["val"], **kw)
 
   def train_batch(step: int):
     rows = pipeline.batch_indices(len(train), d.batch_size, step, config.seed)
@@ -418,6 +247,10 @@ def load_text_data(config, workdir: str) -> DataSource:
     bs, mx = d.eval_batch_size, d.max_eval_batches
     return {"train": train.eval_batches(bs, mx), "val": val.eval_batches(bs, mx)}
 
-  info = {"tokenizer": tok, "train": train, "val": val}
-  return DataSource(vocab_size=tok.vocab_size, pad_id=tok.pad_id, train_batch=train_batch,
-                    eval_sets=eval_sets, info=info)
+  identity = {"kind": "text", "tokenizer_sha256": tok.sha256,
+              "data_path": os.path.abspath(os.path.expanduser(d.path)),
+              "vocab_size": tok.vocab_size, "pad_id": tok.pad_id}
+  info = {"tokenizer": tok, "train": train, "val": val, "val_documents": val_docs}
+  return DataSource(name="text", vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                    train_batch=train_batch, eval_sets=eval_sets, tokenizer=tok,
+                    identity=identity, info=info)

@@ -1,0 +1,23 @@
+"""The corpus registry: config.data.corpus -> the module whose `source` builds it.
+
+  verbs   the embedded Spanish/English verb grammar (data/verbs_source.py)
+  text    plain-text files, tokenized and sharded into the workdir (data/text.py)
+  shards  a token/mask dataset made by --mode=prepare, e.g. chat SFT (data/shards.py)
+"""
+from __future__ import annotations
+
+from lmmask.data import shards, text, verbs_source
+from lmmask.data.source import DataSource
+
+_SOURCES = {"verbs": verbs_source.source, "text": text.source, "shards": shards.source}
+CORPORA = tuple(_SOURCES)
+
+
+def load(config, workdir: str | None = None) -> DataSource:
+  """The DataSource of config.data.corpus. `workdir` is where a corpus that builds
+  files (text: tokenizer and shards) keeps them; the others ignore it."""
+  name = config.data.corpus
+  if name not in _SOURCES:
+    raise ValueError(f"config.data.corpus: unknown corpus {name!r}; valid: "
+                     f"{', '.join(CORPORA)}")
+  return _SOURCES[name](config, workdir)

@@ -1,0 +1,83 @@
+"""The verbs corpus as a DataSource: padded splits, step batches, eval sets.
+
+The corpus itself (forms, vocabulary, held-out splits) is lmmask/data/verbs.py;
+this module turns it into what the train loop and the evaluators read.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from lmmask import packing
+from lmmask.data import pipeline, verbs
+from lmmask.data.source import DataSource
+
+
+class VocabTokenizer:
+  """The verbs word vocabulary behind the tokenizer interface every corpus offers:
+  text is split on whitespace and every word must be in the vocabulary."""
+
+  def __init__(self, vocab: verbs.Vocab):
+    self.vocab = vocab
+    self.pad_id, self.bos_id, self.eos_id = vocab.pad_id, vocab.bos_id, vocab.eos_id
+    self.vocab_size = len(vocab)
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of the words of `text` (no <bos>/<eos>)."""
+    words = text.split()
+    unknown = sorted({w for w in words if w not in self.vocab.tokens})
+    if unknown:
+      raise ValueError(f"{len(unknown)} word(s) of {text!r} are not in the verbs vocabulary: "
+                       f"{unknown[:10]}; the corpus is closed (write forms as the corpus "
+                       f"does, e.g. 'yo trabajo / I work', words separated by spaces)")
+    return [self.vocab.id(w) for w in words]
+
+  def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+    return self.vocab.decode(ids, strip_special=skip_special)
+
+
+def splits(config):
+  """(VerbCorpus, train Split, val Split), padded to data.length on data.pad_side."""
+  d = config.data
+  if d.split not in verbs.SPLIT_POLICIES and "random" not in str(d.split):
+    raise ValueError(f"config.data.split: unknown split {d.split!r}; valid: "
+                     f"{', '.join(verbs.SPLIT_POLICIES)}")
+  corpus = verbs.build_corpus(d.split, include_lexicon=d.include_lexicon)
+  kw = dict(length=d.length, pad_id=corpus.vocab.pad_id, pad_side=d.pad_side)
+  return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
+
+
+def train_batch(config, train_split, step: int, pad_id: int):
+  """The training batch of `step`: several examples per row with data.packing
+  (lmmask/packing.py, first fit), else one padded example per row."""
+  d = config.data
+  if d.packing:
+    batch, _ = packing.train_batch(train_split, step=step, batch_size=d.batch_size,
+                                   seed=config.seed, pad_id=pad_id,
+                                   docs_per_row=d.pack_docs_per_row)
+    return batch
+  return pipeline.train_batch(train_split, step=step, batch_size=d.batch_size,
+                              seed=config.seed, pad_id=pad_id)
+
+
+def eval_sets(config, train_split, val_split, pad_id: int) -> dict:
+  bs = config.data.eval_batch_size
+  return {
+      "train": pipeline.eval_batches(train_split, batch_size=bs, pad_id=pad_id),
+      "val": pipeline.eval_batches(val_split, batch_size=bs, pad_id=pad_id),
+      "val_english": pipeline.eval_batches(val_split, batch_size=bs, pad_id=pad_id,
+                                           english_only=True),
+  }
+
+
+def source(config, workdir: str | None = None) -> DataSource:
+  """The verbs DataSource (embedded data: `workdir` is unused)."""
+  del workdir
+  corpus, train_split, val_split = splits(config)
+  pad_id = corpus.vocab.pad_id
+  # Exactly what model.json has always recorded for this corpus.
+  identity = {"kind": type(corpus).__name__, "tokenizer_sha256": None}
+  return DataSource(
+      name="verbs", vocab_size=len(corpus.vocab), pad_id=pad_id,
+      train_batch=lambda step: train_batch(config, train_split, step, pad_id),
+      eval_sets=lambda: eval_sets(config, train_split, val_split, pad_id),
+      tokenizer=VocabTokenizer(corpus.vocab), identity=identity, info=corpus)

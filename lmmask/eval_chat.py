@@ -1,0 +1,147 @@
+"""Evaluation extras of chat (shards) data: the model's own assistant replies.
+
+Each assistant turn of a held-out conversation is prompted with the gold history
+up to and including its opening ``<|assistant|>`` tag (teacher-forced history);
+the reply is generated greedily by `decode.generate` (the one generation path)
+until ``<|end|>``, and scored:
+  * exact_match: the reply, decoded, equals the reference content and ended with
+    <|end|> (compared as text, so another tokenization of the same string counts);
+  * starts_with_role_tag / contains_role_tag: the reply writes role tags itself;
+  * stopped: the reply ended with <|end|> within the budget;
+  * continues_with_user_turn: among stopped replies, the greedy token after <|end|>
+    is <|user|>, i.e. without the stop rule the model would write the user's turn.
+The assistant-token loss is the `val_masked` eval set (the dataset's own mask,
+whatever data.use_loss_mask says). Plain-text shards (no role tags) get none of this.
+"""
+from __future__ import annotations
+
+import math
+
+from lmmask import decode
+
+
+def is_chat(tok) -> bool:
+  return bool(getattr(tok, "role_id", None))
+
+
+def chat_prompt(tok, text: str) -> list[int]:
+  """`text` as one user turn, then the opening assistant tag (the model's cue)."""
+  return [tok.bos_id, tok.role_id["user"], *tok.encode_text(text, "the prompt"), tok.end_id,
+          tok.role_id["assistant"]]
+
+
+def assistant_turns(ids, tok):
+  """(prompt ids, reference content ids) for every assistant turn of a conversation."""
+  ids = [int(i) for i in ids]
+  a, end = tok.role_id["assistant"], tok.end_id
+  turns = []
+  for i, t in enumerate(ids):
+    if t == a and end in ids[i + 1:]:
+      j = ids.index(end, i + 1)
+      turns.append((ids[:i + 1], ids[i + 1:j]))
+  return turns
+
+
+def generate_replies(state, prompts, tok, *, max_new: int, batch_size: int, max_len: int):
+  """Greedy replies (generated ids, <|end|> included when reached) for id prompts.
+
+  Prompts are batched by length so each batch's budget is the most the model's
+  positions allow, up to `max_new`; a prompt with no room left gets [].
+  """
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  out = [[] for _ in prompts]
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    budget = min(max_new, max_len + 1 - max(len(prompts[i]) for i in idx))
+    if budget < 1:
+      continue
+    gen = decode.generate(state, [prompts[i] for i in idx], max_new_tokens=budget,
+                          eos_id=tok.end_id, pad_id=tok.pad_id)
+    for i, row, n in zip(idx, gen.tokens, gen.lengths):
+      out[i] = [int(t) for t in row[:int(n)]]
+  return out
+
+
+def evaluate_turns(state, docs, tok, *, max_new: int, max_len: int, batch_size: int = 64,
+                   num_examples: int = 0):
+  """Assistant-turn metrics over `docs` (token-id lists of whole conversations)."""
+  prompts, refs, owner = [], [], []
+  for d, ids in enumerate(docs):
+    for p, r in assistant_turns(ids, tok):
+      prompts.append(p)
+      refs.append(r)
+      owner.append(d)
+  gens = generate_replies(state, prompts, tok, max_new=max_new, batch_size=batch_size,
+                          max_len=max_len)
+  tags = frozenset(tok.role_id.values())
+  ended_idx = [i for i, g in enumerate(gens) if g and g[-1] == tok.end_id
+               and len(prompts[i]) + len(g) < max_len]  # room left for one more token
+  after = generate_replies(state, [prompts[i] + gens[i] for i in ended_idx], tok, max_new=1,
+                           batch_size=batch_size, max_len=max_len) if ended_idx else []
+  user_next = sum(bool(a) and a[0] == tok.role_id["user"] for a in after)
+  exact = starts = contains = stopped = 0
+  examples = []
+  for p, r, g, d in zip(prompts, refs, gens, owner):
+    ended = bool(g) and g[-1] == tok.end_id
+    reply = g[:-1] if ended else g
+    ok = ended and tok.decode(reply, skip_special=False) == tok.decode(r, skip_special=False)
+    exact += ok
+    starts += bool(reply) and reply[0] in tags
+    contains += any(t in tags for t in reply)
+    stopped += ended
+    if len(examples) < num_examples:
+      examples.append({"doc": d, "prompt": tok.decode(p, skip_special=False),
+                       "reference": tok.decode(r, skip_special=False),
+                       "reply": tok.decode(g, skip_special=False), "exact": bool(ok)})
+  n = max(len(prompts), 1)
+  return {"turns": len(prompts), "exact_match": exact / n, "starts_with_role_tag": starts / n,
+          "contains_role_tag": contains / n, "stopped": stopped / n,
+          "continues_with_user_turn": user_next / len(ended_idx) if ended_idx else math.nan
+          }, examples
+
+
+def _val_docs(config, data):
+  val = data.info["val"]
+  n = len(val) if not config.data.max_eval_docs else min(config.data.max_eval_docs, len(val))
+  return [val.doc(i)[0] for i in range(n)]
+
+
+def _turns(config, state, data, num_examples):
+  return evaluate_turns(state, _val_docs(config, data), data.tokenizer,
+                        max_new=config.eval.max_new_tokens, max_len=config.model.max_len,
+                        batch_size=config.data.eval_batch_size, num_examples=num_examples)
+
+
+def results_extras(config, state, data) -> dict:
+  if not is_chat(data.tokenizer) or not config.eval.exact_match_at_end:
+    return {}
+  m, _ = _turns(config, state, data, 0)
+  return {"val_exact_match": m["exact_match"],
+          "val_continues_with_user_turn": m["continues_with_user_turn"]}
+
+
+def checkpoint_extras(config, state, data, *, temperature=0.0, sample_seed=0) -> dict:
+  del temperature, sample_seed  # replies are scored greedily
+  if not is_chat(data.tokenizer):
+    return {"chat": "not a chat dataset (no role tags): no assistant replies to score"}
+  m, examples = _turns(config, state, data, config.eval.num_examples)
+  return {"assistant_turns": m, "examples": examples}
+
+
+def format_extras(metrics: dict, extras: dict) -> str:
+  lines = [""]
+  if "val_masked_loss" in metrics:
+    lines.append(f"  assistant-token val loss {metrics['val_masked_loss']:.4f} "
+                 f"(PPL {metrics['val_masked_ppl']:.4f})")
+  m = extras.get("assistant_turns")
+  if m is None:
+    lines.append(f"  {extras.get('chat', '')}")
+    return "\n".join(lines)
+  lines.append(f"  assistant replies ({m['turns']} turns, greedy): exact match "
+               f"{100 * m['exact_match']:.1f}%, stopped {100 * m['stopped']:.1f}%, "
+               f"role tag written {100 * m['contains_role_tag']:.1f}%, would write the user "
+               f"turn {m['continues_with_user_turn']:.3f}")
+  for ex in extras.get("examples", []):
+    lines.append(f"    [{'ok ' if ex['exact'] else 'BAD'}] ref {ex['reference']!r} -> "
+                 f"{ex['reply']!r}")
+  return "\n".join(lines)

@@ -1,0 +1,19 @@
+"""results.json of the pinned tiny verbs and text runs, bit for bit as recorded before
+the redesign (timing keys excluded)."""
+import json
+import os
+
+import pytest
+from conftest import PINNED
+
+TIMING = {"steps_per_sec", "train_seconds"}
+
+
+@pytest.mark.parametrize("name", ["verbs", "text"])
+def test_results_are_bit_identical_to_the_recording(pinned_runs, name):
+  with open(os.path.join(PINNED, f"{name}_results.json")) as f:
+    want = {k: v for k, v in json.load(f).items() if k not in TIMING}
+  _, results = pinned_runs[name]
+  got = {k: v for k, v in results.items() if k not in TIMING}
+  assert sorted(got) == sorted(want)
+  assert {k: v for k, v in got.items() if v != want[k]} == {}

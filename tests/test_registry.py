@@ -1,0 +1,221 @@
+"""The corpus registry: the same batches, bit for bit, as the pre-registry loader
+(hashes recorded by tests/fixtures/pinned/record_batches.py), legacy workdirs and
+datasets read back, and the DataSource fields every corpus fills."""
+import hashlib
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from conftest import load_config
+from ml_collections import ConfigDict
+
+from lmmask.data import prepare, registry, shards, text, tokenizer
+from lmmask.data.source import DataSource
+from lmmask.data.verbs import VerbCorpus
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PINNED = os.path.join(HERE, "fixtures", "pinned")
+LEGACY = os.path.join(HERE, "fixtures", "legacy")
+LEGACY_PREFIX = "/tmp/fx/legacy"  # the absolute root the legacy fixtures were written under
+FIELDS = ("inputs", "targets", "loss_mask", "key_mask", "positions", "segment_ids")
+TRAIN_STEPS = (0, 1, 2, 7, 40)
+
+
+def batch_hash(b) -> str:
+  """The hash record_batches.py wrote (field names, dtypes, shapes and bytes)."""
+  h = hashlib.sha256()
+  for f in FIELDS:
+    a = np.ascontiguousarray(np.asarray(getattr(b, f)))
+    h.update(f"{f}:{a.dtype.str}:{a.shape};".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def upgrade(cfg: dict) -> dict:
+  """What the config upgrade does for configs saved before data.packing named the
+  text corpus's packing too."""
+  d = cfg["data"]
+  if "pack" in d:
+    d["packing"] = d.pop("pack")
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+  """A copy of the legacy fixtures with their absolute paths rewritten to the copy."""
+  root = str(tmp_path_factory.mktemp("legacy") / "legacy")
+  shutil.copytree(LEGACY, root)
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      if name.endswith(".json"):
+        p = os.path.join(dirpath, name)
+        with open(p) as f:
+          text = f.read()
+        if LEGACY_PREFIX in text:
+          with open(p, "w") as f:
+            f.write(text.replace(LEGACY_PREFIX, root))
+  return root
+
+
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def pinned_cases(tmp, legacy_root):
+  verbs = _json(os.path.join(PINNED, "verbs_config.json"))
+  text = upgrade(_json(os.path.join(PINNED, "text_config.json")))
+  packed = json.loads(json.dumps(verbs))
+  packed["data"]["packing"] = True
+  unpacked_text = json.loads(json.dumps(text))
+  unpacked_text["data"]["packing"] = False
+  out = {"verbs": (verbs, None), "verbs_packed": (packed, None),
+         "text": (text, os.path.join(tmp, "text")),
+         "text_unpacked": (unpacked_text, os.path.join(tmp, "text_unpacked")),
+         "legacy_text": (upgrade(_json(os.path.join(legacy_root, "text", "config.json"))),
+                         os.path.join(legacy_root, "text"))}
+  for name in ("chat_sft", "chat_base"):
+    out[name] = (_json(os.path.join(legacy_root, name, "config.json")), None)
+  return out
+
+
+def test_registry_batches_are_bit_identical_to_the_recorded_ones(tmp_path, legacy):
+  want = _json(os.path.join(PINNED, "batch_hashes.json"))
+  cases = pinned_cases(str(tmp_path), legacy)
+  assert set(cases) == set(want)
+  for name, (cfg, workdir) in cases.items():
+    with warnings.catch_warnings():  # the tiny chat val split has a low mask density
+      warnings.simplefilter("ignore", UserWarning)
+      data = registry.load(ConfigDict(cfg), workdir)
+    w = want[name]
+    assert (data.vocab_size, data.pad_id) == (w["vocab_size"], w["pad_id"]), name
+    got_train = {str(s): batch_hash(data.train_batch(s)) for s in TRAIN_STEPS}
+    assert got_train == w["train"], name
+    got_eval = {k: [batch_hash(b) for b in v] for k, v in data.eval_sets().items()}
+    assert got_eval == w["eval"], name
+    if "tokenizer_sha256" in w:  # the text run's trained tokenizer.json, byte for byte
+      assert tokenizer.sha256_file(os.path.join(workdir, "tokenizer.json")) == \
+          w["tokenizer_sha256"], name
+
+
+# ---------------------------------------------------------------------------
+# Workdirs and datasets written before the one shard format still read back.
+
+def _docs(split):
+  return [split.doc(i) for i in range(len(split))]
+
+
+def test_legacy_text_workdir_reads_back_and_rebuilds_byte_identically(tmp_path, legacy):
+  cfg = ConfigDict(upgrade(_json(os.path.join(legacy, "text", "config.json"))))
+  data_dir = os.path.join(legacy, "text", "data")
+  meta = shards.read_meta(data_dir)  # per-split meta.json files, converted in memory
+  assert meta["kind"] == "text" and set(meta["splits"]) == {"train", "val"}
+  tok = tokenizer.Tokenizer.load(os.path.join(legacy, "text", "tokenizer.json"))
+  assert meta["tokenizer_sha256"] == tok.sha256
+  docs, _ = text.read_documents(cfg.data.path, cfg.data.doc_separator)
+  by_split = dict(zip(("train", "val"),
+                      text.split_documents(docs, cfg.data.val_fraction, cfg.data.split_seed)))
+  for name, texts in by_split.items():
+    got = _docs(shards.ShardSplit(data_dir, name, use_loss_mask=False))
+    assert [t.tolist() for t, _ in got] == [tok.encode_document(t) for t in texts]
+    assert all(m.all() for _, m in got)
+  # A fresh workdir from the same config writes the very same files.
+  fresh = str(tmp_path / "fresh")
+  text.build(cfg, fresh)
+  assert _same_file(os.path.join(fresh, "tokenizer.json"),
+                    os.path.join(legacy, "text", "tokenizer.json"))
+  for name in ("train", "val"):
+    for f in ("shard_000.bin", "shard_000_mask.bin"):
+      assert _same_file(os.path.join(fresh, "data", name, f), os.path.join(data_dir, name, f))
+    np.testing.assert_array_equal(np.load(os.path.join(fresh, "data", name, "docs.npy")),
+                                  np.load(os.path.join(data_dir, name, "docs.npy")))
+
+
+def _same_file(a, b):
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+def test_legacy_chat_datasets_read_back_and_rebuild_byte_identically(tmp_path, legacy, kind):
+  old = os.path.join(legacy, "chat_data", kind)
+  old_meta = shards.read_meta(old)
+  tok = tokenizer.Tokenizer.load_chat(old)
+  src = os.path.join(legacy, "chat_data", f"{kind}_source")
+  for name in ("train", "val"):
+    records = prepare.read_jsonl(os.path.join(src, f"{name}.jsonl"), kind)
+    want = [e for e in prepare.encode_records(tok, records, kind)
+            if len(e[0]) <= old_meta["max_tokens"]]
+    got = _docs(shards.ShardSplit(old, name, use_loss_mask=False))
+    assert [(t.tolist(), m.tolist()) for t, m in got] == [(i, m) for i, m in want]
+  # prepare today, on the same records (and, for chat, the same tokenizer).
+  phase = "pretrain" if kind == "text" else "sft"
+  c = load_config("chat.py", f"{phase},tiny,data={tmp_path / kind}")
+  c.prepare.source = "jsonl"
+  c.prepare.train_file = os.path.join(src, "train.jsonl")
+  c.prepare.val_file = os.path.join(src, "val.jsonl")
+  c.prepare.vocab_size = 270
+  c.prepare.tokenizer = "" if kind == "text" else os.path.join(legacy, "chat_data", "text")
+  with warnings.catch_warnings():  # tiny sizes drop a few long records, with a warning
+    warnings.simplefilter("ignore", UserWarning)
+    meta = prepare.prepare(c)
+  new = str(tmp_path / kind)
+  assert _same_file(os.path.join(new, "tokenizer.json"), os.path.join(old, "tokenizer.json"))
+  assert meta["splits"] == old_meta["splits"]
+  for name in ("train", "val"):
+    for f in ("shard_000.bin", "shard_000_mask.bin"):
+      assert _same_file(os.path.join(new, name, f), os.path.join(old, name, f))
+
+
+# ---------------------------------------------------------------------------
+# What every DataSource carries.
+
+def test_datasource_fields_for_every_corpus(tmp_path, legacy):
+  assert registry.CORPORA == ("verbs", "text", "shards")
+  cases = pinned_cases(str(tmp_path), legacy)
+  for name, corpus in (("verbs", "verbs"), ("text", "text"), ("chat_sft", "shards")):
+    cfg, workdir = cases[name]
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", UserWarning)
+      data = registry.load(ConfigDict(cfg), workdir)
+    assert isinstance(data, DataSource) and data.name == corpus
+    tok = data.tokenizer
+    assert (tok.vocab_size, tok.pad_id) == (data.vocab_size, data.pad_id)
+    assert json.loads(json.dumps(data.identity)) == data.identity  # JSON-able as is
+    sample = {"verbs": "yo trabajo / I work", "text": "the GNU General Public License",
+              "chat_sft": "what is 3 + 4?"}[name]
+    ids = tok.encode(sample)
+    assert tok.bos_id not in ids and tok.eos_id not in ids and tok.decode(ids) == sample
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == sample  # specials skipped
+  # model.json files written before the registry compare equal to the identity.
+  verbs = registry.load(ConfigDict(cases["verbs"][0]))
+  assert verbs.identity == _json(os.path.join(legacy, "verbs", "model.json"))["data"]
+  assert isinstance(verbs.info, VerbCorpus) and verbs.info.vocab is verbs.tokenizer.vocab
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    sft = registry.load(ConfigDict(cases["chat_sft"][0]))
+  assert sft.identity == _json(os.path.join(legacy, "chat_sft", "model.json"))["data"]
+  assert sft.tokenizer.role_id == {"system": 3, "user": 4, "assistant": 5}
+  assert sft.tokenizer.end_id == 6 and len(sft.info["val"]) == 1
+  old_text = registry.load(ConfigDict(cases["legacy_text"][0]), cases["legacy_text"][1])
+  assert old_text.identity["tokenizer_sha256"] == shards.read_meta(
+      os.path.join(legacy, "text", "data"))["fingerprint"]["tokenizer_sha256"]
+  assert old_text.info["val_documents"] and old_text.info["tokenizer"] is old_text.tokenizer
+
+
+def test_verbs_tokenizer_names_unknown_words():
+  verbs = registry.load(load_config("verbs.py", "tiny"))
+  with pytest.raises(ValueError, match=r"\['quux', 'xyzzy'\]"):
+    verbs.tokenizer.encode("yo xyzzy / I quux")
+
+
+def test_unknown_corpus_and_missing_workdir_are_clear(tmp_path):
+  c = load_config("verbs.py", "tiny")
+  c.data.corpus = "wiki"
+  with pytest.raises(ValueError, match="unknown corpus 'wiki'; valid: verbs, text, shards"):
+    registry.load(c)
+  with pytest.raises(ValueError, match="needs a workdir"):
+    registry.load(load_config("text.py", "tiny"))
