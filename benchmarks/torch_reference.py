@@ -2,6 +2,7 @@
 
   pip install -e ".[bench]"
   python benchmarks/torch_reference.py configs=default
+  python benchmarks/torch_reference.py tiny       # smoke run: tiny config, 2 steps
 
 Standard torch blocks only (nn.Embedding, nn.LayerNorm, nn.Linear, exact nn.GELU,
 F.scaled_dot_product_attention with a boolean mask, F.cross_entropy, AdamW with

@@ -3,9 +3,11 @@
 One command (about 10-15 minutes on 2 busy CPU cores):
 
   PYTHONPATH=. python experiments/sft_loss_mask/run.py [ROOT] [VARIANT]
+  PYTHONPATH=. python experiments/sft_loss_mask/run.py tiny   # smoke run, seconds
 
 ROOT (default runs/sft_loss_mask) receives the datasets and workdirs; VARIANT is
-appended to the configs/chat.py argument (e.g. "tiny" for a smoke run). Steps:
+appended to the configs/chat.py argument (e.g. "tiny" for a smoke run). The single
+argument `tiny` means ROOT = a fresh temporary directory and VARIANT = tiny. Steps:
 
   1. prepare the plain-text corpus (trains the byte-level BPE) and the chat set
      (with the same tokenizer), both from lmmask.data.synthetic_chat;
@@ -36,6 +38,9 @@ from ml_collections import ConfigDict
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import common  # noqa: E402  (experiments/common.py)
 
 from lmmask import chat_eval, train  # noqa: E402
 from lmmask import checkpoint as ckpt  # noqa: E402
@@ -231,7 +236,7 @@ def write_report(summary, examples, pre, sft, meta) -> str:
             "Records longer than data.length tokens are dropped at prepare time "
             f"({meta.get('dropped_too_long')}). One base model is shared by all fine-tuning "
             "runs; the seed varies the fine-tuning only.", "",
-            "## Example conversations (val, seed 0)", ""]
+            "## Example conversations (val, seed=0)", ""]
   for name, exs in examples.items():
     lines.append(f"### {name}")
     lines.append("")
@@ -244,4 +249,7 @@ def write_report(summary, examples, pre, sft, meta) -> str:
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:3])
+  if sys.argv[1:] == [common.TINY]:
+    main(os.path.join(common.tiny_root(), "sft_loss_mask"), common.TINY)
+  else:
+    main(*sys.argv[1:3])
