@@ -27,6 +27,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmmask import config as config_lib
+from lmmask import (
+  packing,  # noqa: E402
+  parallel,  # noqa: E402
+)
+from lmmask import step as step_lib  # noqa: E402
+from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
+from lmmask.model import count_params  # noqa: E402
+
 # name -> model / data sizes. "default" is the reference point of the measured tables.
 CONFIGS = {
     # Seconds on a CPU: for the smoke test of every script (`tiny`), never for numbers.
@@ -45,12 +54,7 @@ CONFIGS = {
 def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=False,
               attention=None, dtype=None, grad_accum_steps=1, packing=False):
   """An lmmask experiment config (configs/verbs.py) resized to `spec`."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(HERE), "configs", "verbs.py")
-  s = importlib.util.spec_from_file_location("verbs_config", path)
-  mod = importlib.util.module_from_spec(s)
-  s.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_lib.load_file(os.path.join(os.path.dirname(HERE), "configs", "verbs.py"))
   m = c.model
   m.vocab_size, m.d_model, m.n_layers = spec["vocab"], spec["d_model"], spec["n_layers"]
   m.n_heads, m.d_ff, m.max_len = spec["n_heads"], spec["d_ff"], spec["seq"]
@@ -82,7 +86,6 @@ def documents(spec: dict, n: int, seed: int = 0):
 
 def padded_batches(spec: dict, n_batches: int = 4, seed: int = 0):
   """Right-padded batches; the same documents feed the PyTorch reference."""
-  from lmmask.batching import batch_from_ids, pad_sequences
   docs = documents(spec, n_batches * spec["batch"] * 3, seed)  # the packed runs' stream
   out = []
   for i in range(n_batches):
@@ -93,7 +96,6 @@ def padded_batches(spec: dict, n_batches: int = 4, seed: int = 0):
 
 def packed_batches(spec: dict, n_batches: int = 4, seed: int = 0):
   """The same document stream packed (first fit, longest first) into batch rows."""
-  from lmmask import packing
   docs = documents(spec, n_batches * spec["batch"] * 3, seed)
   out, at = [], 0
   for _ in range(n_batches):
@@ -131,9 +133,6 @@ class JaxRunner:
   """Compiled lmmask train_step plus its batches; `measure(steps)` -> seconds/step list."""
 
   def __init__(self, spec, batches, compiler_options=None, **cfg_kw):
-    from lmmask import step as step_lib
-    from lmmask import train
-    from lmmask.model import count_params
     self.spec, self.batches = spec, [jax.device_put(b) for b in batches]
     config = lm_config(spec, **cfg_kw)
     self.state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
@@ -141,7 +140,6 @@ class JaxRunner:
     self.config = config
     self.mesh = None
     if jax.device_count() > 1:  # e.g. cpu_devices=2: the batch split over the devices
-      from lmmask import parallel
       self.mesh = parallel.mesh_from_config(config)
       parallel.check_batch_size(spec["batch"], self.mesh)
       self.state = parallel.shard_state(self.state, self.mesh)
@@ -153,7 +151,6 @@ class JaxRunner:
     if self.mesh is None:
       jitted = jax.jit(step_lib.train_step, donate_argnums=0)
     else:
-      from lmmask import parallel
       jitted = parallel.jit_train_step(step_lib.train_step, self.state, self.mesh)
     lowered = jitted.lower(self.state, self.batches[0])
     compiled = lowered.compile(compiler_options or None)  # XLA debug options, e.g. onednn

@@ -34,6 +34,8 @@ except ImportError as e:  # pragma: no cover
 
 import throughput  # noqa: E402
 
+from lmmask import step as step_lib  # noqa: E402
+
 
 class Block(nn.Module):
 
@@ -113,8 +115,6 @@ class TorchRunner:
 
   def __init__(self, spec, batches, *, gelu_approximate=False, threads=None, optim=None):
     import jax
-    from lmmask import step as step_lib
-    from lmmask import train
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     config = throughput.lm_config(spec, gelu_approximate=gelu_approximate, dtype="float32",

@@ -16,7 +16,6 @@ temporary directory.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -33,7 +32,8 @@ import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmmask import audit, eval_verbs, evaluation, losses, ngram, train  # noqa: E402
+from lmmask import audit, eval_verbs, losses, ngram, train  # noqa: E402
+from lmmask import config as config_lib
 from lmmask import step as step_lib  # noqa: E402
 from lmmask import workdir as workdir_lib  # noqa: E402
 from lmmask.data import pipeline, verbs_source  # noqa: E402
@@ -48,11 +48,7 @@ SAMPLE_TEMPERATURE, SAMPLE_SEEDS = 1.0, (0, 1, 2)
 
 
 def get_config(arg):
-  spec = importlib.util.spec_from_file_location("verbs_cfg", os.path.join(REPO, "configs",
-                                                                          "verbs.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = config_lib.load_file(os.path.join(REPO, "configs", "verbs.py") + (f":{arg}" if arg else ""))
   c.train.log_every = LOG_EVERY
   c.train.eval_every = EVAL_EVERY
   c.train.progress_bar = False
@@ -109,10 +105,12 @@ def val_loss_by_seen_target(state, corpus, val_split, batch_size):
 
 
 def evaluate_run(name, workdir, config):
-  config_, corpus, train_split, val_split, state, step = evaluation.load_state(workdir)
+  config_, data, state, step = workdir_lib.restore_state(workdir)
+  corpus = data.info
+  _, train_split, val_split = verbs_source.splits(config)
   pad, bs = corpus.vocab.pad_id, config.data.eval_batch_size
   out = {"step": step}
-  sets = train.build_eval_sets(config, train_split, val_split, pad)
+  sets = data.eval_sets()
   out.update(step_lib.run_evals(state, sets))
   for split_name, split in (("train", train_split), ("val", val_split)):
     inf = eval_verbs.prefix_recompute_eval(
@@ -135,7 +133,7 @@ def evaluate_run(name, workdir, config):
   out["sampled_examples"] = sampled[0]["examples"]
   out["sampled_collapse"] = collapse_stats(sampled[0]["rows"], corpus.vocab)
   # the best-by-val-loss checkpoint (kept by train.py), for comparison with the final one
-  _, _, _, _, best, best_step = evaluation.load_state(workdir, None, "best")
+  _, _, best, best_step = workdir_lib.restore_state(workdir, "best")
   bev = step_lib.evaluate(best, sets["val"])
   bem = eval_verbs.exact_match(best, corpus, max_new_tokens=config.eval.max_new_tokens,
                                num_examples=0)
@@ -144,7 +142,7 @@ def evaluate_run(name, workdir, config):
                  "exact_match_regular": bem["exact_match_regular"],
                  "exact_match_irregular": bem["exact_match_irregular"],
                  "over_regularised": bem["over_regularised"]}
-  res = audit.run_audit(state, config_, corpus, outdir=os.path.join(workdir, "audit"))
+  res = audit.run_audit(state, config_, data, outdir=os.path.join(workdir, "audit"))
   out["audit"] = {k: res[k] for k in ("passed", "checks", "future_max_logit_change",
                                       "pad_max_logit_change", "max_mass_above_diagonal",
                                       "max_mass_on_pad_keys", "mass_above_diagonal",

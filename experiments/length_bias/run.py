@@ -17,18 +17,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask import losses, sweep  # noqa: E402
-from lmmask.batching import batch_from_ids  # noqa: E402
-from lmmask.data import pipeline, verbs  # noqa: E402
 from lmmask import step as step_lib
-from lmmask.data import verbs_source
 from lmmask import workdir as workdir_lib
+from lmmask.batching import batch_from_ids  # noqa: E402
+from lmmask.data import pipeline, verbs, verbs_source  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = common.output_dir(HERE)

@@ -20,18 +20,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmmask import config as config_lib  # noqa: E402
-from lmmask import losses, sweep  # noqa: E402
-from lmmask.batching import batch_from_ids  # noqa: E402
-from lmmask.data import pipeline  # noqa: E402
-from lmmask import parallel
+from lmmask import losses, parallel, sweep  # noqa: E402
 from lmmask import step as step_lib
-from lmmask.data import verbs_source
+from lmmask.batching import batch_from_ids  # noqa: E402
+from lmmask.data import (
+  pipeline,  # noqa: E402
+  verbs_source,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = common.output_dir(HERE)

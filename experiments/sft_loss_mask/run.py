@@ -26,14 +26,11 @@ Reruns reuse finished datasets and runs (training resumes or is a no-op).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 
-import jax
 import numpy as np
-from ml_collections import ConfigDict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -42,36 +39,26 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import common  # noqa: E402  (experiments/common.py)
 
-from lmmask import chat_eval, train  # noqa: E402
-from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask.batching import batch_from_ids  # noqa: E402
-from lmmask.data import prepare, shards  # noqa: E402
+from lmmask import config as config_lib
+from lmmask import eval_chat, train
 from lmmask import step as step_lib
 from lmmask import workdir as workdir_lib
+from lmmask.batching import batch_from_ids
+from lmmask.data import prepare, shards, tokenizer
 
 SEEDS = (0, 1, 2)
 
 
 def chat_config(arg):
-  spec = importlib.util.spec_from_file_location("chat_config",
-                                                os.path.join(REPO, "configs", "chat.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = config_lib.load_file(os.path.join(REPO, "configs", "chat.py") + ":" + arg)
   c.train.progress_bar = False
   return c
 
 
 def restore(workdir):
-  """(config, state) of a workdir's latest checkpoint."""
-  config = ConfigDict(workdir_lib.load_config(workdir))
-  meta = shards.read_meta(config.data.path)
-  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                   vocab_size=meta["vocab_size"])
-  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints, create=False)
-  _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
-  mngr.close()
-  return config, state.replace_from_tree(tree)
+  """(config, state) of a workdir's latest checkpoint (the one restore)."""
+  config, _, state, _ = workdir_lib.restore_state(workdir)
+  return config, state
 
 
 def token_losses(state, split, length, pad_id, batch_size=64):
@@ -95,8 +82,9 @@ def evaluate_model(state, config, chat_path, tok, num_examples=0):
   split = shards.ShardSplit(chat_path, "val", use_loss_mask=True)
   length = config.data.length
   m = token_losses(state, split, length, tok.pad_id)
-  turns, examples = chat_eval.evaluate_turns(state.graphdef, state.params, split, tok,
-                                             length=length, max_new=12,
+  docs = [split.doc(d)[0] for d in range(len(split))]
+  turns, examples = eval_chat.evaluate_turns(state, docs, tok, max_new=12,
+                                             max_len=config.model.max_len,
                                              num_examples=num_examples)
   return {**m, **turns}, examples
 
@@ -113,7 +101,7 @@ def main(root="runs/sft_loss_mask", variant=""):
   sft_on.prepare.tokenizer = os.path.join(text_path, shards.TOKENIZER_FILE)
   if not os.path.exists(chat_path):
     prepare.prepare(sft_on)
-  tok = prepare.ChatTokenizer.load(chat_path)
+  tok = tokenizer.Tokenizer.load_chat(chat_path)
   base_dir = os.path.join(root, "base")
   reused = []  # runs finished by an earlier invocation (then only evaluated here)
 
