@@ -28,12 +28,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from lmmask import checkpoint as ckpt  # noqa: E402
+from lmmask import decode, sweep, train  # noqa: E402
 from lmmask import step as step_lib  # noqa: E402
-from lmmask import sweep, train  # noqa: E402
 from lmmask import workdir as workdir_lib  # noqa: E402
 from lmmask.data import registry  # noqa: E402
 from lmmask.model import count_params  # noqa: E402
@@ -71,33 +70,16 @@ def bigram_baseline(data):
   return best
 
 
-def sample(state, tok, prompt, *, max_new=48, temperature=0.0, seed=0, window=64):
-  model = state.model()
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def next_logits(params, ids, key_mask, last):
-    m = nnx.merge(graphdef, params)
-    return m(ids, key_mask=key_mask)[0, last]
-
+def sample(state, tok, prompt, *, max_new=48, temperature=0.0, seed=0):
+  """A continuation from the one generation path (`decode.generate`), as long as the
+  model's positions allow."""
   ids = [tok.bos_id, *tok.encode(prompt)]
-  rng = np.random.default_rng(seed)
-  for _ in range(max_new):
-    ctx = ids[-window:]
-    buf = np.zeros((1, window), np.int32)
-    buf[0, :len(ctx)] = ctx
-    km = np.zeros((1, window), bool)
-    km[0, :len(ctx)] = True
-    logits = np.asarray(next_logits(params, buf, km, len(ctx) - 1), np.float64)
-    if temperature <= 0:
-      nxt = int(logits.argmax())
-    else:
-      p = np.exp((logits - logits.max()) / temperature)
-      nxt = int(rng.choice(len(p), p=p / p.sum()))
-    if nxt == tok.eos_id:
-      break
-    ids.append(nxt)
-  return tok.decode(ids)
+  budget = min(max_new, state.model().cfg.max_len + 1 - len(ids))
+  rng = jax.random.PRNGKey(seed) if temperature > 0 else None
+  gen = decode.generate(state, [ids], max_new_tokens=budget, temperature=temperature, rng=rng,
+                        eos_id=tok.eos_id, pad_id=tok.pad_id)
+  return tok.decode(ids + decode.strip_after_eos(gen.tokens[0], eos_id=tok.eos_id,
+                                                 pad_id=tok.pad_id))
 
 
 def tiny_workdirs():
@@ -135,10 +117,9 @@ def main(workdirs, max_new=48):
       baseline_done = True
     tok = data.info["tokenizer"]
     for p in PROMPTS:
-      print(f"   greedy  {sample(state, tok, p, max_new=max_new, window=m.max_len)!r}")
+      print(f"   greedy  {sample(state, tok, p, max_new=max_new)!r}")
     for seed in (0, 1):
-      text = sample(state, tok, PROMPTS[0], max_new=max_new, temperature=0.8, seed=seed,
-                    window=m.max_len)
+      text = sample(state, tok, PROMPTS[0], max_new=max_new, temperature=0.8, seed=seed)
       print(f"   T=0.8   {text!r}")
 
 
