@@ -117,7 +117,7 @@ class DecoderConfig:
     return _DTYPES[self.dtype]
 
   @classmethod
-  def from_dict(cls, d) -> "DecoderConfig":
+  def from_dict(cls, d) -> DecoderConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
