@@ -16,6 +16,8 @@ and the split regex named by `tokenizer.ggml.pre`. Other tokenizer models
 """
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from lmmask import hf_tokenizer
@@ -55,14 +57,87 @@ def _gguf():
   return gguf
 
 
-def _fields(reader) -> dict:
-  out = {}
-  for k, f in reader.fields.items():
-    if k.startswith("GGUF."):
-      continue
-    v = f.contents()
-    out[k] = v
-  return out
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+  """Little-endian reads over the file's bytes (GGUF v2/v3 layout)."""
+
+  def __init__(self, buf):
+    self.buf, self.pos = buf, 0
+
+  def scalar(self, fmt):
+    (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+    self.pos += struct.calcsize(fmt)
+    return v
+
+  def string(self):
+    n = self.scalar("<Q")
+    self.pos += n
+    return bytes(self.buf[self.pos - n:self.pos]).decode("utf-8", errors="replace")
+
+  def value(self, kind):
+    if kind == _STRING:
+      return self.string()
+    if kind == _ARRAY:
+      elem, n = self.scalar("<I"), self.scalar("<Q")
+      if elem in _SCALARS:  # one numpy read instead of n Python ones
+        dt = np.dtype(_SCALARS[elem])
+        out = np.frombuffer(self.buf, dt, n, self.pos)
+        self.pos += n * dt.itemsize
+        return out.tolist()
+      return [self.value(elem) for _ in range(n)]
+    return self.scalar(_SCALARS[kind])
+
+
+def read_metadata(path: str):
+  """(metadata dict, [(name, dims fastest-first, ggml type, absolute offset)], mmap).
+
+  GGUFReader builds one numpy view per array element (15 s for a 49k-token
+  vocabulary on a small CPU), so the header is parsed here with struct."""
+  buf = np.memmap(path, np.uint8, mode="r")
+  cur = _Cursor(buf)
+  if bytes(buf[:4]) != b"GGUF":
+    raise ValueError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
+  cur.pos = 4
+  version = cur.scalar("<I")
+  if version < 2:
+    raise ValueError(f"{path}: GGUF version {version} is too old; re-convert with llama.cpp")
+  n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+  meta = {}
+  for _ in range(n_kv):
+    key = cur.string()
+    meta[key] = cur.value(cur.scalar("<I"))
+  infos = []
+  for _ in range(n_tensors):
+    name = cur.string()
+    dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+    infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+  align = int(meta.get("general.alignment", 32))
+  start = -(-cur.pos // align) * align
+  return meta, [(n, d, t, start + o) for n, d, t, o in infos], buf
+
+
+def _tensor(gguf, buf, dims, kind, offset):
+  """Dequantised float32 array in numpy order (slowest dim first)."""
+  qtype = gguf.GGMLQuantizationType(kind)
+  block, size = gguf.GGML_QUANT_SIZES[qtype]
+  shape = [int(d) for d in reversed(dims)]
+  if dims[0] % block:
+    raise ValueError(f"GGUF tensor row of {dims[0]} values is not a multiple of the "
+                     f"{qtype.name} block size {block}; the file is corrupt")
+  row_bytes = dims[0] // block * size
+  rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+  raw = np.asarray(buf[offset:offset + rows * row_bytes]).reshape(rows, row_bytes)
+  if qtype == gguf.GGMLQuantizationType.F32:
+    w = raw.view(np.float32)
+  elif qtype == gguf.GGMLQuantizationType.F16:
+    w = raw.view(np.float16)
+  else:
+    w = gguf.quants.dequantize(raw, qtype)
+  return np.asarray(w, np.float32).reshape(shape)
 
 
 def reverse_permute(w: np.ndarray, n_head: int, n_kv_heads: int) -> np.ndarray:
@@ -127,8 +202,7 @@ def _config(meta: dict, arch: str, tensors: dict) -> dict:
 def read_gguf(path: str):
   """(hf_style_config, {hf_name: float32 array}, metadata) of a .gguf file."""
   gguf = _gguf()
-  reader = gguf.GGUFReader(path)
-  meta = _fields(reader)
+  meta, infos, buf = read_metadata(path)
   arch = meta.get("general.architecture")
   if arch not in ARCHITECTURES:
     raise ValueError(f"GGUF general.architecture={arch!r} is not converted; lmmask reads "
@@ -136,12 +210,11 @@ def read_gguf(path: str):
   heads = int(meta[f"{arch}.attention.head_count"])
   kv = int(meta.get(f"{arch}.attention.head_count_kv", heads))
   tensors = {}
-  for t in reader.tensors:
-    w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-    w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims fastest-first
-    if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
-      w = reverse_permute(w, heads, heads if ".attn_q." in t.name else kv)
-    tensors[hf_name(t.name)] = w
+  for name, dims, kind, offset in infos:
+    w = _tensor(gguf, buf, dims, kind, offset)
+    if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+      w = reverse_permute(w, heads, heads if ".attn_q." in name else kv)
+    tensors[hf_name(name)] = w
   return _config(meta, arch, tensors), tensors, meta
 
 
