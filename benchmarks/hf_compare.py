@@ -134,7 +134,7 @@ def torch_trainer(ref):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
   return run
 
 

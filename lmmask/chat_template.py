@@ -87,9 +87,12 @@ def render(template: str, messages, *, add_generation_prompt: bool,
     raise ValueError("render needs a chat template string; the tokenizer has none "
                      "(pass one, e.g. chat_template.LMMASK_CHAT_TEMPLATE)")
   msgs = [dict(m) for m in messages]
+  # transformers leaves unset special tokens out (jinja would print None as "None")
+  # and passes tools and documents as None, which `is none` tests can see.
+  specials = {k: v for k, v in (special_tokens or {}).items() if v is not None}
   return compile_template(template).render(
-      messages=msgs, add_generation_prompt=bool(add_generation_prompt),
-      **dict(special_tokens or {}))
+      messages=msgs, tools=None, documents=None,
+      add_generation_prompt=bool(add_generation_prompt), **specials)
 
 
 def _check_messages(messages, special_strings):

@@ -276,10 +276,15 @@ def gguf_tokenizer(meta: dict, *, pad_token: str | None = None):
                     ("pad_token", "padding")):
     i = meta.get(f"tokenizer.ggml.{key}_token_id")
     special[name] = tokens[int(i)] if i is not None and int(i) < len(tokens) else None
-  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-  add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-  hf_tokenizer.set_post_processor(tok, special, add_bos, add_eos)
+  # A GGUF tokenizer has no post-processor, so transformers always builds one from
+  # these flags (absent = False).
+  add_bos = meta.get("tokenizer.ggml.add_bos_token")
+  add_eos = meta.get("tokenizer.ggml.add_eos_token")
+  hf_tokenizer.set_post_processor(tok, special, bool(add_bos), bool(add_eos))
   template = meta.get("tokenizer.chat_template")
   pad = hf_tokenizer.choose_pad_id(tok, special, template, pad_token=pad_token)
+  def flag(v):
+    return None if v is None else bool(v)
   return hf_tokenizer.HFTokenizer(tok=tok, special_tokens=special, chat_template=template,
-                                  pad_id=pad, add_bos_token=add_bos, add_eos_token=add_eos)
+                                  pad_id=pad, add_bos_token=flag(add_bos),
+                                  add_eos_token=flag(add_eos))

@@ -153,9 +153,11 @@ def family_of(cfg: DecoderConfig) -> str:
                        f"equivalent (it needs {want!r}); this model cannot be exported")
   if cfg.pos_encoding == "learned":
     for field, want in (("norm", "layernorm"), ("mlp", "gelu"), ("gelu_approximate", True),
-                        ("kv_heads", cfg.n_heads), ("tie_embeddings", True),
-                        ("qkv_bias", True), ("out_bias", True), ("mlp_bias", True)):
+                        ("kv_heads", cfg.n_heads), ("qkv_bias", True), ("out_bias", True),
+                        ("mlp_bias", True)):
       need(field, want, "gpt2")
+    if not cfg.tie_embeddings:  # GPT-2's untied lm_head has no bias
+      need("head_bias", False, "gpt2")
     return "gpt2"
   need("norm", "rmsnorm", "llama")
   need("mlp", "swiglu", "llama")

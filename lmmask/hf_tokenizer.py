@@ -44,8 +44,10 @@ class HFTokenizer:
   special_tokens: dict             # {"bos_token": str | None, "eos_token": ..., ...}
   chat_template: str | None
   pad_id: int
-  add_bos_token: bool = False      # the source's flag; the post-processor applies it
-  add_eos_token: bool = False
+  # The source's add_bos_token / add_eos_token when it states them (None: it does not,
+  # and its post-processor alone decides); the post-processor already applies them.
+  add_bos_token: bool | None = None
+  add_eos_token: bool | None = None
 
   def _id(self, name):
     s = self.special_tokens.get(name)
@@ -93,9 +95,11 @@ class HFTokenizer:
     self.tok.save(os.path.join(out_dir, TOKENIZER_FILE))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast",
            **{k: v for k, v in self.special_tokens.items() if v is not None},
-           "pad_token": self.pad_token,
-           "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
-           "clean_up_tokenization_spaces": False}
+           "pad_token": self.pad_token, "clean_up_tokenization_spaces": False}
+    # Only stated flags: transformers rewrites the post-processor when either is given.
+    for name in ("add_bos_token", "add_eos_token"):
+      if getattr(self, name) is not None:
+        cfg[name] = bool(getattr(self, name))
     if model_max_length is not None:
       cfg["model_max_length"] = int(model_max_length)
     if self.chat_template:
@@ -208,9 +212,9 @@ def load_tokenizer_dir(path: str, *, config: dict | None = None,
       s = tok.id_to_token(int(config[f"{name}_id"]))
     special[name] = s
   template = _template_of(path, cfg)
-  add_bos, add_eos = bool(cfg.get("add_bos_token")), bool(cfg.get("add_eos_token"))
-  if "add_bos_token" in cfg or "add_eos_token" in cfg or tok.post_processor is None:
-    set_post_processor(tok, special, add_bos, add_eos)
+  add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
+  if add_bos is not None or add_eos is not None or tok.post_processor is None:
+    set_post_processor(tok, special, bool(add_bos), bool(add_eos))
   pad = choose_pad_id(tok, special, template, pad_token=pad_token)
   return HFTokenizer(tok=tok, special_tokens=special, chat_template=template, pad_id=pad,
                      add_bos_token=add_bos, add_eos_token=add_eos)

@@ -10,7 +10,8 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 TEXTS = ["hello there, how are you?", "fine thanks. and you?", "the cat sat on the mat",
          "numbers 1 2 3 and symbols {} [] <>"]
-CONV = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, how are you?"},
+CONV = [{"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi, how are you?"},
         {"role": "user", "content": "fine"}, {"role": "assistant", "content": "good to hear"}]
 
 
@@ -96,3 +97,12 @@ def test_transformers_template_features():
   import jinja2
   with pytest.raises(jinja2.exceptions.TemplateError, match="no tools"):
     chat_template.render(t, [{"role": "tool", "content": ""}], add_generation_prompt=False)
+
+
+def test_unset_special_tokens_and_tools_render_as_transformers():
+  t = "{{ bos_token }}{% if tools is not none %}T{% endif %}{{ messages[0]['content'] }}"
+  msgs = [{"role": "user", "content": "x"}]
+  assert chat_template.render(t, msgs, add_generation_prompt=False,
+                              special_tokens={"bos_token": None}) == "x"
+  assert chat_template.render(t, msgs, add_generation_prompt=False,
+                              special_tokens={"bos_token": "<s>"}) == "<s>x"
