@@ -221,7 +221,8 @@ def load_tokenizer_dir(path: str, *, config: dict | None = None,
 
 
 def from_chat_tokenizer(chat_tok) -> HFTokenizer:
-  """lmmask's own `data.prepare.ChatTokenizer` with `LMMASK_CHAT_TEMPLATE`, so its
+  """lmmask's own chat tokenizer (from `data.prepare.train_tokenizer`: `.tok` and the
+  fixed <pad>/<bos>/<eos> and role tags) with `LMMASK_CHAT_TEMPLATE`, so its
   conversations go through the same renderer (and can be exported)."""
   special = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": None,
              "pad_token": "<pad>"}
