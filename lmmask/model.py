@@ -8,7 +8,8 @@ parameters (no RNG counters to thread through jit or checkpoints).
 
 Options (DecoderConfig; the defaults are the original decoder): learned or rotary
 positions, LayerNorm or RMSNorm, GELU or SwiGLU MLP, grouped-query / multi-query
-attention (`n_kv_heads`) and tied input/output embeddings. Rotary embeddings are
+attention (`n_kv_heads`), tied input/output embeddings, which linear layers have
+a bias, and the norm epsilon. Rotary embeddings are
 driven by the `positions` array, never by the array index, so left padding,
 packed segments (positions restart) and a cache's query offset all rotate each
 token by its own position. For a KV cache: `Attention.project` returns q and the
@@ -59,6 +60,12 @@ class DecoderConfig:
   mlp: str = "gelu"               # gelu: fc2(gelu(fc1 x)); swiglu: fc2(silu(gate) * up)
   n_kv_heads: int = 0             # key/value heads: 0 or n_heads = MHA, 1 = MQA, else GQA
   tie_embeddings: bool = False    # True: logits = x @ embed.T (no separate head, no bias)
+  # Biases and norm epsilon, so imported families (Llama: none, Qwen2: q/k/v only) are exact.
+  qkv_bias: bool = True           # bias on the fused q/k/v projection
+  out_bias: bool = True           # bias on the attention output projection
+  mlp_bias: bool = True           # bias on fc1 and fc2
+  head_bias: bool = True          # bias on the untied LM head
+  norm_eps: float = 1e-6          # epsilon of every LayerNorm / RMSNorm
   # issue 7 (speed): attention kernel, rematerialisation, scan over layers.
   attention: str = "einsum"       # einsum (reference) | xla | cudnn (jax.nn.dot_product_attention)
   remat: bool = False             # recompute each block's activations in the backward pass
@@ -89,8 +96,11 @@ class DecoderConfig:
       need(self.head_dim % 2 == 0, f"rope needs an even head dim, got d_model/n_heads="
            f"{self.head_dim}; change d_model or n_heads")
       need(self.rope_base > 1.0, f"rope_base must be > 1, got {self.rope_base}")
-    need(isinstance(self.tie_embeddings, bool),
-         f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+    for name in ("tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "head_bias"):
+      need(isinstance(getattr(self, name), bool),
+           f"{name} must be a bool, got {getattr(self, name)!r}")
+    need(isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1,
+         f"norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
     need(self.attention in ATTENTION_IMPLS,
          f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}")
 
@@ -107,7 +117,7 @@ class DecoderConfig:
     return _DTYPES[self.dtype]
 
   @classmethod
-  def from_dict(cls, d) -> "DecoderConfig":
+  def from_dict(cls, d) -> DecoderConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -115,9 +125,9 @@ class DecoderConfig:
     return cls(**dict(d))
 
 
-def _linear(cfg, din, dout, rngs, std=None):
+def _linear(cfg, din, dout, rngs, std=None, use_bias=True):
   return nnx.Linear(din, dout, rngs=rngs, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                    kernel_init=nnx.initializers.normal(std or cfg.init_std))
+                    kernel_init=nnx.initializers.normal(std or cfg.init_std), use_bias=use_bias)
 
 
 def _dense(layer, x):
@@ -235,9 +245,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.head_dim
-    self.qkv = _linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * d, rngs)
+    self.qkv = _linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * d, rngs,
+                       use_bias=cfg.qkv_bias)
     self.out = _linear(cfg, cfg.d_model, cfg.d_model, rngs,
-                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers), use_bias=cfg.out_bias)
 
   def project(self, x, positions):
     """(B, T, d_model) -> q (B, T, H, D), k and v (B, T, Hkv, D); with rope, q and k
@@ -268,8 +279,8 @@ class Attention(nnx.Module):
 
 def _norm(cfg: DecoderConfig, rngs):
   if cfg.norm == "rmsnorm":
-    return nnx.RMSNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype)
-  return nnx.LayerNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype)
+    return nnx.RMSNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype, epsilon=cfg.norm_eps)
+  return nnx.LayerNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype, epsilon=cfg.norm_eps)
 
 
 class Block(nnx.Module):
@@ -280,9 +291,9 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.ln2 = _norm(cfg, rngs)
     width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff  # swiglu: [gate | up]
-    self.fc1 = _linear(cfg, cfg.d_model, width, rngs)
+    self.fc1 = _linear(cfg, cfg.d_model, width, rngs, use_bias=cfg.mlp_bias)
     self.fc2 = _linear(cfg, cfg.d_ff, cfg.d_model, rngs,
-                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers), use_bias=cfg.mlp_bias)
     self.drop = nnx.Dropout(cfg.dropout)
 
   def mlp(self, x):
@@ -316,7 +327,7 @@ class Decoder(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.ln_f = _norm(cfg, rngs)
     if not cfg.tie_embeddings:
-      self.head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
+      self.head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, use_bias=cfg.head_bias)
     self.drop = nnx.Dropout(cfg.dropout)
 
   def embed_inputs(self, inputs, positions):
