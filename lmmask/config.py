@@ -95,6 +95,13 @@ def defaults() -> ConfigDict:
   m.mlp = "gelu"                        # gelu (see gelu_approximate) | swiglu
   m.n_kv_heads = 0                      # key/value heads: 0 = n_heads (MHA), 1 = MQA, else GQA
   m.tie_embeddings = False              # True: the LM head is the token embedding transposed
+  # Biases and norm epsilon: lmmask's own decoder uses every bias and 1e-6; imported
+  # families set them (Llama: no biases, eps ~1e-5; Qwen2: q/k/v bias only; GPT-2: 1e-5).
+  m.qkv_bias = True                     # bias on the fused q/k/v projection
+  m.out_bias = True                     # bias on the attention output projection
+  m.mlp_bias = True                     # bias on the MLP layers
+  m.head_bias = True                    # bias on the untied LM head
+  m.norm_eps = 1e-6                     # epsilon of every LayerNorm / RMSNorm
   # Speed options: all exact, the defaults are the reference path.
   m.attention = "einsum"                # einsum (reference) | xla | cudnn (GPU fused kernel)
   m.remat = False                       # recompute block activations in backward (memory)

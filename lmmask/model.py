@@ -16,7 +16,7 @@ token by its own position. For a KV cache: `Attention.project` returns q and the
 already-rotated k, v of new tokens; `attend` takes any keys/values (e.g. cached
 ones concatenated with new ones) and a (B, 1, Tq, Tk) boolean mask's bias.
 
-Speed options (issue 7; all exact, off = the reference path): `attention` picks
+Speed options (all exact, off = the reference path): `attention` picks
 the einsum reference or jax.nn.dot_product_attention (xla | cudnn) fed with the
 structured form of the same mask (`masks.attention_structure`); `remat`
 recomputes block activations in the backward pass; `scan_layers` runs the
@@ -66,7 +66,7 @@ class DecoderConfig:
   mlp_bias: bool = True           # bias on fc1 and fc2
   head_bias: bool = True          # bias on the untied LM head
   norm_eps: float = 1e-6          # epsilon of every LayerNorm / RMSNorm
-  # issue 7 (speed): attention kernel, rematerialisation, scan over layers.
+  # Speed: attention kernel, rematerialisation, scan over layers.
   attention: str = "einsum"       # einsum (reference) | xla | cudnn (jax.nn.dot_product_attention)
   remat: bool = False             # recompute each block's activations in the backward pass
   scan_layers: bool = False       # lax.scan over blocks (compile time on accelerators)
@@ -134,7 +134,7 @@ def _dense(layer, x):
   """`layer` applied to x (..., features) as a 2-D (N, features) matmul.
 
   On XLA:CPU a 3-D dot fused with its neighbours made the backward pass ~2x
-  slower (issue 7, benchmarks/); the reshapes are free.
+  slower (benchmarks/); the reshapes are free.
   """
   lead = x.shape[:-1]
   return layer(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
@@ -213,7 +213,7 @@ def attend(q, k, v, bias, has_key, head_mask=None):
     raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
   g = h // hkv
   # Scale q (B, Tq, H, D), not the (B, H, Tq, Tk) logits: one pass less over the
-  # largest tensor in forward and backward (issue 7: attention backward ~1.6x on CPU).
+  # largest tensor in forward and backward (attention backward ~1.6x on CPU).
   qg = (q.astype(jnp.float32) * (1.0 / math.sqrt(d))).reshape(b, tq, hkv, g, d)
   logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32))
   logits = logits.reshape(b, h, tq, tk) + bias
@@ -228,7 +228,7 @@ def attend(q, k, v, bias, has_key, head_mask=None):
 
 def attend_fused(q, k, v, structure: masks.AttentionStructure, has_key,
                  implementation: str = "xla"):
-  """`attend` through jax.nn.dot_product_attention (issue 7): same q, k, v layout
+  """`attend` through jax.nn.dot_product_attention: same q, k, v layout
   (grouped kv heads handled natively by the kernel), the mask given in structured
   form (`masks.attention_structure`), has_key (B, 1, Tq, 1) zeroing rows with no
   allowed key. Returns (B, Tq, H * D); no probabilities."""
@@ -267,7 +267,7 @@ class Attention(nnx.Module):
     if positions is None and self.cfg.pos_encoding == "rope":
       raise ValueError("rope attention needs the (B, T) positions array")
     q, k, v = self.project(x, positions)
-    if isinstance(bias, masks.AttentionStructure):  # fused kernel (issue 7)
+    if isinstance(bias, masks.AttentionStructure):  # fused kernel
       if head_mask is not None:
         raise ValueError("head_mask needs the attention probabilities; use "
                          "model.attention='einsum'")
@@ -369,7 +369,7 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
     fused = self.cfg.attention != "einsum" and not return_attention
-    if fused:  # the same mask in structured form (issue 7)
+    if fused:  # the same mask in structured form
       bias = masks.attention_structure(key_mask, segment_ids=segment_ids, causal=causal,
                                        keys_are_prefix=keys_are_prefix)
       has_key = masks.rows_with_key(key_mask, segment_ids=segment_ids, causal=causal)
