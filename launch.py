@@ -8,6 +8,9 @@
   python launch.py --mode=generate --workdir=DIR --prompt="yo como /" [--temperature=0.8]
   python launch.py --mode=audit --workdir=DIR [--config=...]   # exits 1 on a leak
   python launch.py --mode=prepare --config=configs/chat.py:sft   # writes config.data.path
+  python launch.py --mode=import --source=HF_DIR_OR.gguf --workdir=DIR   # docs/interop.md
+  python launch.py --mode=generate --workdir=DIR --chat --prompt="Hi" --max_new_tokens=64
+  python launch.py --mode=export --workdir=DIR --out=HF_DIR [--export_dtype=bfloat16]
 """
 import json
 import re
@@ -16,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmmask import audit, evaluation, sweep, train
+from lmmask import audit, evaluation, interop, sweep, train
 from lmmask import workdir as workdir_lib
 from lmmask.data import prepare
 
@@ -25,9 +28,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit", "prepare"],
+    "mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit", "prepare",
+                      "import", "export"],
     "What to run (sweep/aggregate take a configs/sweeps/ file; prepare writes "
-    "config.data.path from config.prepare and needs no --workdir).")
+    "config.data.path from config.prepare and needs no --workdir; import writes a new "
+    "workdir from --source; export writes --out from --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
@@ -42,6 +47,13 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeli
 _TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass in (0, 1].")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "generate: tokens to add per prompt.")
 _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate/eval: PRNG seed for sampling.")
+# Interop flags (--mode=import / --mode=export; docs/interop.md).
+_SOURCE = flags.DEFINE_string("source", None, "import: a Hugging Face model directory or a "
+                              ".gguf file.")
+_OUT = flags.DEFINE_string("out", None, "export: the Hugging Face directory to write (must "
+                           "not exist).")
+_EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", "float32", ["float32", "bfloat16"],
+                                  "export: dtype of the written weights.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: render each prompt as a user turn of a "
                           "chat model and print the assistant's reply.")
 
@@ -116,8 +128,18 @@ def mode_prepare():
       f"{v['mask_density']:.3f})" for k, v in meta["splits"].items()))
 
 
+def _model_overrides(argv) -> set:
+  """model.* fields set on the command line (--config.model.X=V or --config.model.X V)."""
+  return {a.split("=", 1)[0][len("--config.model."):] for a in argv
+          if a.startswith("--config.model.")}
+
+
 def mode_train():
-  results = train.train_and_evaluate(_need_config("train"), _WORKDIR.value)
+  config = _need_config("train")
+  # Fine-tuning takes the base's architecture; a model field given on the command
+  # line is kept, so that check_init_from refuses it by name when it differs.
+  config = workdir_lib.inherit_architecture(config, _model_overrides(sys.argv[1:]))
+  results = train.train_and_evaluate(config, _WORKDIR.value)
   _print_metrics(f"results ({_WORKDIR.value}/results.json):", results)
   print(f"val PPL {results['val_ppl']:.2f} (train PPL {results['train_ppl']:.2f})")
 
@@ -172,9 +194,29 @@ def mode_audit():
     sys.exit(1)  # a leak is a failure, for scripts and CI
 
 
+def mode_import():
+  if not _SOURCE.value:
+    raise app.UsageError("--mode=import needs --source=<HF model directory or .gguf file>")
+  rec = interop.import_checkpoint(_SOURCE.value, _WORKDIR.value)
+  d = rec["decoder"]
+  print(f"imported {_SOURCE.value} ({rec['family']}: {d['n_layers']} layers, d_model "
+        f"{d['d_model']}, vocab {d['vocab_size']}, pad id {rec['data']['pad_id']}) into "
+        f"{_WORKDIR.value} at step 0")
+
+
+def mode_export():
+  if not _OUT.value:
+    raise app.UsageError("--mode=export needs --out=<new directory>")
+  res = interop.export_workdir(_WORKDIR.value, _OUT.value, dtype=_EXPORT_DTYPE.value,
+                               step=_STEP.value, which=_WHICH.value)
+  print(f"exported step {res['step']} of {_WORKDIR.value} as {res['family']} "
+        f"({res['dtype']}{', with tokenizer' if res['tokenizer'] else ', no tokenizer'}) "
+        f"to {res['out']}")
+
+
 MODES = {"train": mode_train, "eval": mode_eval, "sweep": mode_sweep,
          "aggregate": mode_aggregate, "generate": mode_generate, "audit": mode_audit,
-         "prepare": mode_prepare}
+         "prepare": mode_prepare, "import": mode_import, "export": mode_export}
 NO_WORKDIR = ("prepare",)
 
 

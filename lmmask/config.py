@@ -19,7 +19,7 @@ from ml_collections import ConfigDict, config_dict
 from lmmask import losses, optim
 from lmmask.model import DecoderConfig
 
-CORPORA = ("verbs", "text", "shards")  # data.corpus values (lmmask/data/registry.py)
+CORPORA = ("verbs", "text", "shards", "pretrained")  # data.corpus values (lmmask/data/registry.py)
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite
 RESUME_POLICIES = ("auto", "require")  # train.resume
 DIRECTIONS = ("es_en", "en_es")        # eval.direction (verbs exact match)
@@ -32,7 +32,8 @@ def defaults() -> ConfigDict:
   c.seed = 0                            # seeds params, dropout and data order
 
   c.data = d = ConfigDict()
-  d.corpus = "verbs"                    # verbs (embedded) | text (files) | shards (prepared)
+  d.corpus = "verbs"                    # verbs (embedded) | text (files) | shards (prepared,
+                                        # or a chat .jsonl) | pretrained (--mode=import)
   # --- every corpus
   d.length = 14                         # every row is padded (or packed) to this many tokens (L)
   d.pad_side = "right"                  # right | left; the loss is identical
@@ -52,7 +53,8 @@ def defaults() -> ConfigDict:
   d.split_seed = 0                      # seeds which documents are held out
   d.tokenizer = ""                      # an existing tokenizer.json; "" = train a byte-level BPE
   d.vocab_size = 512                    # BPE vocabulary size when training one (>= 259)
-  d.pad_token = "<pad>"                 # special tokens (must exist in a given tokenizer)
+  d.pad_token = "<pad>"                 # special tokens (must exist in a given tokenizer);
+                                        # pretrained: the pad chosen at import
   d.bos_token = "<bos>"
   d.eos_token = "<eos>"
   d.max_eval_batches = 0                # cap on eval batches per split; 0 = the whole split

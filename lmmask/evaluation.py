@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from lmmask import decode, eval_chat, eval_text, eval_verbs
+from lmmask import decode, eval_chat, eval_text, eval_verbs, hf_tokenizer
 from lmmask import floor as floor_lib
 from lmmask import step as step_lib
 from lmmask import workdir as wd
@@ -82,14 +82,20 @@ def format_report(results: dict) -> str:
 
 
 def prompt_ids(data, prompt: str, *, chat: bool = False) -> list[int]:
-  """A prompt's ids: <bos> + the workdir tokenizer's encoding, or for chat models a
-  rendered user turn followed by the assistant's opening tag."""
+  """A prompt's ids: <bos> + the workdir tokenizer's encoding (a pretrained
+  tokenizer: its own special tokens), or for chat models a user turn rendered with
+  the chat template and its generation prompt."""
   tok = data.tokenizer
+  if tok is None:
+    raise ValueError("this workdir has no tokenizer (imported without one), so text "
+                     "prompts cannot be encoded; import a checkpoint that has a tokenizer")
   if chat:
-    if not eval_chat.is_chat(tok):
-      raise ValueError("--chat needs a chat model (a workdir trained on chat shards); this "
-                       "one has no role tags: drop --chat")
     return eval_chat.chat_prompt(tok, prompt)
+  if isinstance(tok, hf_tokenizer.HFTokenizer):
+    ids = tok.encode(prompt, add_special_tokens=True)
+    if not ids:
+      raise ValueError(f"prompt {prompt!r} is empty after encoding; give some text")
+    return ids
   text = prompt.strip()
   bos = getattr(tok, "bos_token", "<bos>")
   if text.startswith(bos):
@@ -108,7 +114,7 @@ def generate_text(workdir: str, prompts, *, step=None, which: str = "latest",
   _, data, state, _ = wd.restore_state(workdir, which, step)
   tok = data.tokenizer
   ids = [prompt_ids(data, p, chat=chat) for p in prompts]
-  stop = tok.end_id if chat else tok.eos_id
+  stop = eval_chat.end_of_turn_id(tok) if chat else tok.eos_id
   rng = jax.random.PRNGKey(seed) if temperature > 0 else None
   gen = decode.generate(state, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, rng=rng, eos_id=stop, pad_id=tok.pad_id)

@@ -80,8 +80,12 @@ class HFTokenizer:
     (e.g. a leading <bos>), as `tokenizer(text)` does in transformers."""
     return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-  def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
-    return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+  def decode(self, ids, skip_special_tokens: bool = True, *,
+             skip_special: bool | None = None) -> str:
+    # skip_special: the spelling of lmmask's own tokenizers (data/source.py
+    # TokenizerLike), so evaluation and the audit decode either kind alike.
+    skip = skip_special_tokens if skip_special is None else skip_special
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip)
 
   def encode_chat(self, messages, *, add_generation_prompt: bool = False):
     """(ids, assistant_mask): see `chat_template.encode_chat`."""

@@ -229,3 +229,20 @@ def init_from_base(config, state, base_cfg, data):
   params = base_state.params
   return state.replace(params=params, opt_state=state.tx.init(params),
                        step=jax.numpy.zeros_like(state.step)), int(step)
+
+
+def inherit_architecture(config, explicit=()) -> ConfigDict:
+  """`config` with the base run's architecture (every config.ARCH_FIELDS field of
+  train.init_from's config.json, vocab_size included) except the fields in
+  `explicit` (those set on the command line), which `check_init_from` then
+  compares with the base, refusing a difference by name. So a fine-tuning config
+  (e.g. configs/chat.py:sft) can start from any base, an imported one included,
+  without spelling out its architecture."""
+  if not config.train.init_from:
+    return config
+  base_cfg = load_config(config.train.init_from)
+  config = config.copy_and_resolve_references()
+  for field in config_lib.ARCH_FIELDS:
+    if field not in explicit:
+      config.model[field] = base_cfg.model[field]
+  return config

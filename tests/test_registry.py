@@ -158,7 +158,7 @@ def test_legacy_chat_datasets_read_back_and_rebuild_byte_identically(tmp_path, l
 # What every DataSource carries.
 
 def test_datasource_fields_for_every_corpus(tmp_path, legacy):
-  assert registry.CORPORA == ("verbs", "text", "shards")
+  assert registry.CORPORA == ("verbs", "text", "shards", "pretrained")
   cases = pinned_cases(str(tmp_path), legacy)
   for name, corpus in (("verbs", "verbs"), ("text", "text"), ("chat_sft", "shards")):
     cfg, workdir = cases[name]

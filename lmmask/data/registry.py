@@ -2,14 +2,24 @@
 
   verbs   the embedded Spanish/English verb grammar (data/verbs_source.py)
   text    plain-text files, tokenized and sharded into the workdir (data/text.py)
-  shards  a token/mask dataset made by --mode=prepare, e.g. chat SFT (data/shards.py)
+  shards  a token/mask dataset made by --mode=prepare, e.g. chat SFT (data/shards.py),
+          or a chat JSONL tokenized with a pretrained model's template (data/chat_jsonl.py)
+  pretrained  an imported model's workdir: its tokenizer, no data (data/pretrained.py)
 """
 from __future__ import annotations
 
-from lmmask.data import shards, text, verbs_source
+from lmmask.data import chat_jsonl, pretrained, shards, text, verbs_source
 from lmmask.data.source import DataSource
 
-_SOURCES = {"verbs": verbs_source.source, "text": text.source, "shards": shards.source}
+
+def _shards(config, workdir):
+  if chat_jsonl.is_jsonl(config.data.path):
+    return chat_jsonl.source(config, workdir)
+  return shards.source(config, workdir)
+
+
+_SOURCES = {"verbs": verbs_source.source, "text": text.source, "shards": _shards,
+            "pretrained": pretrained.source}
 CORPORA = tuple(_SOURCES)
 
 

@@ -39,6 +39,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from lmmask import hf_tokenizer
 from lmmask.batching import Batch, batch_from_ids
 from lmmask.data import pipeline, tokenizer
 from lmmask.data.source import DataSource
@@ -433,7 +434,9 @@ def source(config, workdir: str | None = None) -> DataSource:
   info = dict(identity, meta=meta, train=train, val=val,
               train_loader=train_loader, val_loader=val_loader)
   tok = None  # a dataset written without a tokenizer (tests) has no text side
-  if meta.get("tokenizer"):  # prepare's tokenizers have the chat tags (text data too)
+  if meta.get("hf_tokenizer"):  # a pretrained model's (data/chat_jsonl.py), with its pad
+    tok = hf_tokenizer.load_tokenizer_dir(d.path, pad_token=meta["pad_token"])
+  elif meta.get("tokenizer"):  # prepare's tokenizers have the chat tags (text data too)
     chat = tokenizer.CHAT_END in meta.get("special_tokens", ())
     load = tokenizer.Tokenizer.load_chat if chat else tokenizer.Tokenizer.load
     tok = load(os.path.join(d.path, meta["tokenizer"]))
