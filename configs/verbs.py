@@ -9,6 +9,7 @@ Variants go through the config argument (comma-separated names or key=value):
   python launch.py --config=configs/verbs.py:split=tense,reduction=sum --workdir=...
   python launch.py --config=configs/verbs.py:causal=false --workdir=...   # the break
   python launch.py --config=configs/verbs.py:tiny --workdir=...           # test size
+  python launch.py --config=configs/verbs.py:tokens=char --workdir=...    # character tokens
 
 Expected result (split "verbs", 600 steps, seed 0, measured on 2 CPU cores):
 train PPL 2.07 (accuracy 0.77; the corpus' own entropy keeps it from 1), val PPL
@@ -22,9 +23,10 @@ beyond the defaults except through variants (the default experiment IS the
 defaults).
 """
 from lmmask.config import defaults, parse_arg, parse_bool
+from lmmask.data import verbs
 
 VARIANTS = {"split": str, "reduction": str, "causal": parse_bool, "seed": int,
-            "pad_side": str, "tiny": None}
+            "pad_side": str, "tokens": str, "tiny": None}
 
 
 def get_config(arg=None):
@@ -35,6 +37,14 @@ def get_config(arg=None):
   c.data.pad_side = args.get("pad_side", c.data.pad_side)
   c.loss.reduction = args.get("reduction", c.loss.reduction)
   c.model.causal = args.get("causal", c.model.causal)
+  c.data.tokens = args.get("tokens", c.data.tokens)
+  verbs.check_tokens(c.data.tokens)
+  if c.data.tokens == "char":
+    # Sized from the longest line and reply (verbs.fit_lengths): the word sizes would
+    # cut character references short and score them wrong before the model is asked.
+    for key, value in verbs.fit_lengths("char").items():
+      section, field = key.split(".")
+      c[section][field] = value
   if args.get("tiny"):
     # A shrunken run for tests: seconds on a laptop.
     c.optim.weight_decay = 0.01           # the experiments/ ablations were measured with this

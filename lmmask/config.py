@@ -17,6 +17,7 @@ import os
 from ml_collections import ConfigDict, config_dict
 
 from lmmask import losses, optim
+from lmmask.data import verbs
 from lmmask.model import DecoderConfig
 
 CORPORA = ("verbs", "text", "shards")  # data.corpus values (lmmask/data/registry.py)
@@ -43,6 +44,9 @@ def defaults() -> ConfigDict:
   # --- verbs
   d.split = "verbs"                     # held-out policy: verbs | tense | person (text: documents)
   d.include_lexicon = True              # add "trabajar / work" lines for all 20 verbs to train
+  d.tokens = "word"                     # word: whitespace tokens, so held-out verbs' forms are
+                                        # never-trained tokens; char: characters and the space
+                                        # (" / " one token), so a new verb is known letters
   d.pack_docs_per_row = 2               # verbs packing: documents drawn per row per step
   # --- text and shards
   d.path = ""                           # text: a file or directory; shards: a prepared dataset
@@ -355,6 +359,11 @@ def validate(config) -> None:
   d, m, o, t = config.data, config.model, config.optim, config.train
   need(d.corpus in CORPORA, "data.corpus", f"unknown corpus {d.corpus!r}; valid: "
        f"{', '.join(CORPORA)}")
+  need(d.tokens in verbs.TOKENIZATIONS, "data.tokens", f"unknown tokenization {d.tokens!r}; "
+       f"valid: {', '.join(verbs.TOKENIZATIONS)}")
+  need(d.tokens == "word" or d.corpus == "verbs", "data.tokens",
+       f"{d.tokens!r} is the verbs corpus's character tokenizer; corpus {d.corpus!r} brings "
+       f"its own tokenizer, so set data.tokens='word' (or leave it out)")
   need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
   for f in ("batch_size", "eval_batch_size", "length"):
     need(_is_int(d[f]) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")
