@@ -49,7 +49,9 @@ def splits(config):
   if d.split not in verbs.SPLIT_POLICIES and "random" not in str(d.split):
     raise ValueError(f"config.data.split: unknown split {d.split!r}; valid: "
                      f"{', '.join(verbs.SPLIT_POLICIES)}")
-  corpus = verbs.build_corpus(d.split, include_lexicon=d.include_lexicon, tokens=d.tokens)
+  # .get: a config dict saved before data.tokens existed meant word tokens
+  corpus = verbs.build_corpus(d.split, include_lexicon=d.include_lexicon,
+                              tokens=d.get("tokens", "word"))
   kw = dict(length=d.length, pad_id=corpus.vocab.pad_id, pad_side=d.pad_side)
   return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
 
@@ -85,8 +87,9 @@ def source(config, workdir: str | None = None) -> DataSource:
   # Exactly what model.json has always recorded for this corpus; character tokens
   # say so, so a word-token base run is never fine-tuned with character ids.
   identity = {"kind": type(corpus).__name__, "tokenizer_sha256": None}
-  if config.data.tokens != "word":
-    identity["tokens"] = config.data.tokens
+  tokens = config.data.get("tokens", "word")
+  if tokens != "word":
+    identity["tokens"] = tokens
   return DataSource(
       name="verbs", vocab_size=len(corpus.vocab), pad_id=pad_id,
       train_batch=lambda step: train_batch(config, train_split, step, pad_id),
