@@ -68,7 +68,7 @@ def curve_best(workdir):
   return out
 
 
-def run_group(tokens, split, seeds, tiny, root):
+def run_group(tokens, split, seeds, tiny, root, orders=NGRAM_ORDERS):
   arg = f"tokens={tokens},split={split}" + (",tiny" if tiny else "")
   configs = [get_config(f"{arg},seed={s}") for s in seeds]
   wds = [os.path.join(root, tokens, split, f"seed{s}") for s in seeds]
@@ -84,7 +84,7 @@ def run_group(tokens, split, seeds, tiny, root):
                                              "val_english_loss": r["best_val_english_loss"]})
     r.update({f"best_{k}": v for k, v in best.items()})
   base = {}
-  for n in NGRAM_ORDERS:
+  for n in orders:
     c = configs[0].copy_and_resolve_references()
     c.baseline.ngram_n = n
     b = ngram.baseline_results(c, corpus)
@@ -229,7 +229,8 @@ def main(argv):
   seeds = SEEDS[:2] if tiny else SEEDS
   root = common.workdir("tokens_tiny" if tiny else "tokens")
   t0 = time.time()
-  groups = {(t, s): run_group(t, s, seeds, tiny, root) for s in splits for t in TOKENS}
+  orders = (3,) if tiny else NGRAM_ORDERS
+  groups = {(t, s): run_group(t, s, seeds, tiny, root, orders) for s in splits for t in TOKENS}
   parts = report(groups, splits, seeds, time.time() - t0)
   if tiny:
     print("\n".join(parts))
