@@ -369,6 +369,13 @@ def validate(config) -> None:
   need(d.tokens == "word" or d.corpus == "verbs", "data.tokens",
        f"{d.tokens!r} is the verbs corpus's character tokenizer; corpus {d.corpus!r} brings "
        f"its own tokenizer, so set data.tokens='word' (or leave it out)")
+  if d.corpus == "verbs" and d.tokens == "char":
+    # A word-sized budget would score every character reference wrong unseen.
+    for key, least in verbs.fit_lengths("char").items():
+      section, field = key.split(".")
+      need(config[section][field] >= least, key,
+           f"{config[section][field]} is too small for character tokens (the longest line "
+           f"and reply need {least}); use configs/verbs.py:tokens=char, which sizes it")
   need(d.pad_side in ("left", "right"), "data.pad_side", f"must be left|right, got {d.pad_side!r}")
   for f in ("batch_size", "eval_batch_size", "length"):
     need(_is_int(d[f]) and d[f] > 0, f"data.{f}", f"must be a positive int, got {d[f]!r}")

@@ -93,6 +93,11 @@ def test_tokens_refused_where_they_do_not_apply():
     config_lib.validate(text)
   with pytest.raises(ValueError, match="unknown tokenization"):
     V.build_corpus("verbs", tokens="bytes")
+  # char tokens with the word sizes: refused before any run, not a silent 0% match
+  words = load_config("verbs.py", "")
+  words.data.tokens = "char"
+  with pytest.raises(ValueError, match="too small for character tokens"):
+    config_lib.validate(words)
 
 
 @pytest.mark.parametrize("tokens", ["word", "char"])
