@@ -234,8 +234,10 @@ def report(groups, long, splits, seeds, total_s):
   sizes = ", ".join(f"{t}: {groups[(t, splits[0])]['num_params']:,} parameters, "
                     f"{groups[(t, splits[0])]['steps']} steps" for t in TOKENS)
   walls = ", ".join(f"{t}/{s} {groups[(t, s)]['wall_s']:.0f} s" for s in splits for t in TOKENS)
+  walls += "".join(f", {t}/verbs long {grp['wall_s']:.0f} s" for t, grp in long.items())
   parts += [(f"Models: {sizes}. Wall time per group of {len(seeds)} seeds: {walls}. "
-             f"Total: {total_s:.0f} s.")]
+             f"Total ({len(groups) + len(long)} groups, {len(seeds)} seeds each, on 2 shared "
+             f"CPU cores): {total_s:.0f} s.")]
   return parts
 
 
