@@ -261,8 +261,8 @@ def summary(groups, long):
 
 
 def main(argv):
-  tiny = argv[1:] == ["tiny"]
-  if argv[1:] and not tiny:
+  tiny = common.is_tiny(argv[1:])
+  if argv[1:] != ([common.TINY] if tiny else []):
     raise SystemExit(f"usage: python experiments/tokens/run.py [tiny]; got {argv[1:]}")
   splits = ("verbs",) if tiny else verbs.SPLIT_POLICIES
   seeds = SEEDS[:2] if tiny else SEEDS
