@@ -12,9 +12,16 @@ until ``<|end|>``, and scored:
     is <|user|>, i.e. without the stop rule the model would write the user's turn.
 The assistant-token loss is the `val_masked` eval set (the dataset's own mask,
 whatever data.use_loss_mask says). Plain-text shards (no role tags) get none of this.
+
+A pretrained model's chat data (data/chat_jsonl.py) is scored the same way through
+its `ChatFormat`: its turns are the runs of the SFT mask (content + end-of-turn
+token), its end token is the template's (`<|im_end|>`), the role tags are its other
+special tokens, and "writes the user turn" means the greedy tokens after the end
+of turn are the template's user-turn opener (SmolLM2: `\n<|im_start|>user\n`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from lmmask import chat_template, decode, hf_tokenizer
@@ -66,6 +73,62 @@ def assistant_turns(ids, tok):
   return turns
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+  """What scoring replies needs from a chat tokenizer (lmmask's or a pretrained one)."""
+  end_id: int                 # ends an assistant turn (generation stops there)
+  pad_id: int
+  user_opener: tuple          # ids that open a user turn right after an end of turn
+  tags: frozenset             # structure tokens a reply should never write itself
+  tok: object                 # the tokenizer (decode)
+  role_tags: bool             # True: lmmask's role tags (turns found by tag), else by mask
+
+
+def _user_opener(t, end: int) -> tuple:
+  """The ids the template writes between an assistant's end of turn and the next user
+  message's content."""
+  conv = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+          {"role": "user", "content": "\u00a7"}]
+  kw = dict(add_generation_prompt=False, special_tokens=t.special_tokens)
+  text = chat_template.render(t.chat_template, conv, **kw)
+  # The assistant's end of turn is the last one of the render up to its message.
+  upto = chat_template.render(t.chat_template, conv[:2], **kw)
+  start = upto.rindex(t.tok.id_to_token(end)) + len(t.tok.id_to_token(end))
+  return tuple(t.tok.encode(text[start:text.index("\u00a7", start)],
+                            add_special_tokens=False).ids)
+
+
+def chat_format(tok) -> ChatFormat | None:
+  """The ChatFormat of a tokenizer, or None when it has no chat structure."""
+  if is_chat(tok):
+    return ChatFormat(tok.end_id, tok.pad_id, (tok.role_id["user"],),
+                      frozenset(tok.role_id.values()), tok, True)
+  t = template_tokenizer(tok)
+  if t is None:
+    return None
+  end = chat_template.end_of_turn_id(t)
+  return ChatFormat(end, t.pad_id, _user_opener(t, end), frozenset(t.special_ids() - {end}),
+                    t, False)
+
+
+def mask_turns(ids, mask, end_id: int):
+  """(prompt ids, reference content ids) for every run of the SFT mask that ends with
+  the end-of-turn token (a pretrained template's assistant turns)."""
+  ids, mask = [int(i) for i in ids], [int(m) for m in mask]
+  turns, i = [], 0
+  while i < len(ids):
+    if not mask[i]:
+      i += 1
+      continue
+    j = i
+    while j < len(ids) and mask[j]:
+      j += 1
+    if ids[j - 1] == end_id:
+      turns.append((ids[:i], ids[i:j - 1]))
+    i = j
+  return turns
+
+
 def generate_replies(state, prompts, tok, *, max_new: int, batch_size: int, max_len: int):
   """Greedy replies (generated ids, <|end|> included when reached) for id prompts.
 
@@ -88,35 +151,47 @@ def generate_replies(state, prompts, tok, *, max_new: int, batch_size: int, max_
 
 def evaluate_turns(state, docs, tok, *, max_new: int, max_len: int, batch_size: int = 64,
                    num_examples: int = 0):
-  """Assistant-turn metrics over `docs` (token-id lists of whole conversations)."""
+  """Assistant-turn metrics over `docs`: token-id lists of whole conversations, or
+  (ids, mask) pairs (needed for a pretrained template, whose turns are the mask's)."""
+  fmt = chat_format(tok)
   prompts, refs, owner = [], [], []
-  for d, ids in enumerate(docs):
-    for p, r in assistant_turns(ids, tok):
+  for d, doc in enumerate(docs):
+    ids, mask = doc if isinstance(doc, tuple) else (doc, None)
+    if fmt.role_tags:
+      turns = assistant_turns(ids, tok)
+    elif mask is None:
+      raise ValueError("a pretrained chat template's turns are found by the SFT mask: "
+                       "pass (ids, mask) documents")
+    else:
+      turns = mask_turns(ids, mask, fmt.end_id)
+    for p, r in turns:
       prompts.append(p)
       refs.append(r)
       owner.append(d)
-  gens = generate_replies(state, prompts, tok, max_new=max_new, batch_size=batch_size,
+  gens = generate_replies(state, prompts, fmt, max_new=max_new, batch_size=batch_size,
                           max_len=max_len)
-  tags = frozenset(tok.role_id.values())
-  ended_idx = [i for i, g in enumerate(gens) if g and g[-1] == tok.end_id
-               and len(prompts[i]) + len(g) < max_len]  # room left for one more token
-  after = generate_replies(state, [prompts[i] + gens[i] for i in ended_idx], tok, max_new=1,
-                           batch_size=batch_size, max_len=max_len) if ended_idx else []
-  user_next = sum(bool(a) and a[0] == tok.role_id["user"] for a in after)
+  tags, opener = fmt.tags, list(fmt.user_opener)
+  ended_idx = [i for i, g in enumerate(gens) if g and g[-1] == fmt.end_id
+               and len(prompts[i]) + len(g) + len(opener) <= max_len]  # room for the opener
+  after = generate_replies(state, [prompts[i] + gens[i] for i in ended_idx], fmt,
+                           max_new=len(opener), batch_size=batch_size,
+                           max_len=max_len) if ended_idx else []
+  user_next = sum(list(a[:len(opener)]) == opener for a in after)
+  dec = fmt.tok.decode
   exact = starts = contains = stopped = 0
   examples = []
   for p, r, g, d in zip(prompts, refs, gens, owner):
-    ended = bool(g) and g[-1] == tok.end_id
+    ended = bool(g) and g[-1] == fmt.end_id
     reply = g[:-1] if ended else g
-    ok = ended and tok.decode(reply, skip_special=False) == tok.decode(r, skip_special=False)
+    ok = ended and dec(reply, skip_special=False) == dec(r, skip_special=False)
     exact += ok
     starts += bool(reply) and reply[0] in tags
     contains += any(t in tags for t in reply)
     stopped += ended
     if len(examples) < num_examples:
-      examples.append({"doc": d, "prompt": tok.decode(p, skip_special=False),
-                       "reference": tok.decode(r, skip_special=False),
-                       "reply": tok.decode(g, skip_special=False), "exact": bool(ok)})
+      examples.append({"doc": d, "prompt": dec(p, skip_special=False),
+                       "reference": dec(r, skip_special=False),
+                       "reply": dec(g, skip_special=False), "exact": bool(ok)})
   n = max(len(prompts), 1)
   return {"turns": len(prompts), "exact_match": exact / n, "starts_with_role_tag": starts / n,
           "contains_role_tag": contains / n, "stopped": stopped / n,
@@ -127,7 +202,7 @@ def evaluate_turns(state, docs, tok, *, max_new: int, max_len: int, batch_size: 
 def _val_docs(config, data):
   val = data.info["val"]
   n = len(val) if not config.data.max_eval_docs else min(config.data.max_eval_docs, len(val))
-  return [val.doc(i)[0] for i in range(n)]
+  return [val.doc(i) if val.masks is not None else val.doc(i)[0] for i in range(n)]
 
 
 def _turns(config, state, data, num_examples):
@@ -137,7 +212,7 @@ def _turns(config, state, data, num_examples):
 
 
 def results_extras(config, state, data) -> dict:
-  if not is_chat(data.tokenizer) or not config.eval.exact_match_at_end:
+  if chat_format(data.tokenizer) is None or not config.eval.exact_match_at_end:
     return {}
   m, _ = _turns(config, state, data, 0)
   return {"val_exact_match": m["exact_match"],
@@ -146,7 +221,7 @@ def results_extras(config, state, data) -> dict:
 
 def checkpoint_extras(config, state, data, *, temperature=0.0, sample_seed=0) -> dict:
   del temperature, sample_seed  # replies are scored greedily
-  if not is_chat(data.tokenizer):
+  if chat_format(data.tokenizer) is None:
     return {"chat": "not a chat dataset (no role tags): no assistant replies to score"}
   m, examples = _turns(config, state, data, config.eval.num_examples)
   return {"assistant_turns": m, "examples": examples}

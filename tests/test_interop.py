@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO
+from test_chat_template import CONV
 from test_hf import _hf_config, _randomise, _tokenizer_files
 
-from lmmask import hf, interop
+from lmmask import eval_chat, hf, interop
 from lmmask import workdir as workdir_lib
 from lmmask.data import registry
 
@@ -139,7 +140,7 @@ def test_sft_from_imported_then_eval_audit_export(imported, chats, tmp_path):
   for mode in ("eval", "audit"):
     r = launch(f"--mode={mode}", f"--workdir={imported}", "--config=configs/chat.py:sft,tiny",
                f"--config.data.path={chats}", "--config.eval.max_new_tokens=4")
-    assert ("val PPL" if mode == "eval" else "no leak found") in r.stdout
+    assert ("assistant replies" if mode == "eval" else "no leak found") in r.stdout
     bare = launch(f"--mode={mode}", f"--workdir={imported}", check=False)
     assert bare.returncode != 0 and "--config.data.path=FILE.jsonl" in bare.stderr
   out = str(tmp_path / "sft_hf")
@@ -173,6 +174,18 @@ def test_chat_jsonl_refuses_bad_lines(imported, tmp_path, line, error):
   config.train.init_from = imported
   with pytest.raises(ValueError, match=r"bad.jsonl:2: .*" + error):
     registry.load(config, str(tmp_path / "w"))
+
+
+def test_chat_format_of_a_pretrained_template(imported):
+  """Turns are the SFT mask's runs; the user-turn opener is the template's."""
+  tok = registry.load(workdir_lib.load_config(imported), imported).tokenizer
+  fmt = eval_chat.chat_format(tok)
+  assert fmt.end_id == tok.tok.token_to_id("<|im_end|>") and not fmt.role_tags
+  assert tok.decode(fmt.user_opener, skip_special_tokens=False) == "\n<|im_start|>user\n"
+  ids, mask = tok.encode_chat(CONV)
+  turns = eval_chat.mask_turns(ids, mask, fmt.end_id)
+  assert [tok.decode(r) for _, r in turns] == ["hi, how are you?", "good to hear"]
+  assert tok.decode(turns[1][0], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
 
 
 def test_family_of_refuses_native_option(tmp_path):
