@@ -15,6 +15,7 @@ from lmmask import eval_chat, hf, interop
 from lmmask import workdir as workdir_lib
 from lmmask.data import registry
 
+pytestmark = pytest.mark.slow  # launch.py subprocesses (about a minute in all)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
