@@ -35,7 +35,14 @@ CONFIGS = {
     # ~100M parameters (85M in blocks, 13M embeddings + head) for an accelerator.
     "gpt100m": dict(vocab=8192, d_model=768, n_layers=12, n_heads=12, d_ff=3072, seq=1024,
                     batch=16, min_len=256, max_len=1024, dtype="bfloat16", attention="cudnn"),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json): GQA 9/3 heads, RoPE,
+    # RMSNorm, SwiGLU, tied embeddings, 49152-token vocabulary.
+    "smollm135m": dict(vocab=49152, d_model=576, n_layers=30, n_heads=9, d_ff=1536, seq=2048,
+                       batch=8, min_len=512, max_len=2048, dtype="bfloat16", attention="cudnn",
+                       n_kv_heads=3, pos_encoding="rope", norm="rmsnorm", mlp="swiglu",
+                       tie_embeddings=True),
 }
+ARCH_KEYS = ("n_kv_heads", "pos_encoding", "norm", "mlp", "tie_embeddings")  # optional spec keys
 
 
 def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=False,
@@ -54,6 +61,9 @@ def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=Fa
   m.dtype = dtype or spec["dtype"]
   m.attention = attention or spec["attention"]
   m.gelu_approximate, m.remat, m.scan_layers = gelu_approximate, remat, scan_layers
+  for key in ARCH_KEYS:
+    if key in spec:
+      m[key] = spec[key]
   c.data.length = spec["seq"] + 1
   c.data.batch_size = spec["batch"]
   c.optim.grad_accum_steps = grad_accum_steps
@@ -144,7 +154,8 @@ class JaxRunner:
       self.batches = [jax.device_put(b, parallel.batch_sharding(self.mesh)) for b in batches]
     model = self.state.model()
     self.n_params = count_params(model)
-    self.n_embed = model.embed.embedding[...].size + model.pos_embed.embedding[...].size
+    pos = getattr(model, "pos_embed", None)  # rope models have no position table
+    self.n_embed = model.embed.embedding[...].size + (pos.embedding[...].size if pos else 0)
     t = time.perf_counter()
     if self.mesh is None:
       jitted = jax.jit(step_lib.train_step, donate_argnums=0)

@@ -163,9 +163,14 @@ def defaults() -> ConfigDict:
   c.mesh.data = -1                      # data-parallel ways; -1 = all remaining devices
   c.mesh.fsdp = 1                       # parameter-sharding ways; -1 = all remaining devices
   # CPU only: split the host into this many XLA:CPU devices (jax_num_cpu_devices, set by
-  # launch.py before JAX starts), so mesh.data=-1 trains data parallel on that many cores.
-  # XLA:CPU runs most fused elementwise kernels on one thread. 1 = off; ignored on GPU/TPU.
-  c.mesh.cpu_devices = 1
+  # launch.py before JAX starts), so mesh.data=-1 trains data parallel on that many cores:
+  # XLA:CPU runs most fused elementwise kernels on one thread, so one device uses one core.
+  # 0 = auto (parallel.resolve_cpu_devices): the count XLA_FLAGS forces
+  # (--xla_force_host_platform_device_count) if set, 1 under distributed.mode != off (one
+  # process per host or per device), else every core when the train and eval batches
+  # divide, else 1. The resolved count is logged and recorded in config.json; a resume
+  # with 0 uses the recorded count. 1 = off; ignored on GPU/TPU.
+  c.mesh.cpu_devices = 0
 
   # Multi-host (one process per host; docs/scaling.md).
   c.distributed = ConfigDict()
@@ -173,6 +178,15 @@ def defaults() -> ConfigDict:
   c.distributed.coordinator_address = config_dict.placeholder(str)  # manual: "host:port"
   c.distributed.num_processes = config_dict.placeholder(int)        # manual: process count
   c.distributed.process_id = config_dict.placeholder(int)           # manual: this process
+  # A process that stops answering is declared dead after this long and every other
+  # process then exits with an error instead of hanging in a collective (JAX: 100 s).
+  c.distributed.heartbeat_timeout_s = 100
+  # How long a finishing process waits for the others at shutdown (JAX: 300 s).
+  c.distributed.shutdown_timeout_s = 300
+  # The longest wait at one of lmmask's own barriers (the other processes wait there
+  # while process 0 claims the workdir, builds the text tokenizer and shards, or
+  # prunes checkpoints); past it a process exits with an error naming the barrier.
+  c.distributed.barrier_timeout_s = 1800
   return c
 
 
@@ -183,7 +197,9 @@ RESUMABLE_FIELDS = frozenset({
     "train.keep_checkpoints", "train.progress_bar", "train.jax_cache_dir",
     "train.profile_start", "train.profile_steps", "mesh.data", "mesh.fsdp", "mesh.cpu_devices",
     "distributed.mode", "distributed.coordinator_address", "distributed.num_processes",
-    "distributed.process_id", "model.attention", "model.remat", "model.scan_layers",
+    "distributed.process_id", "distributed.heartbeat_timeout_s",
+    "distributed.shutdown_timeout_s", "distributed.barrier_timeout_s", "model.attention",
+    "model.remat", "model.scan_layers",
     "optim.grad_accum_steps",
     "train.nonfinite", "train.resume",  # "skip" after a NaN stop is how to go on
 })
@@ -391,8 +407,12 @@ def validate(config) -> None:
   need(config.eval.floor_tolerance >= 0, "eval.floor_tolerance",
        f"must be >= 0, got {config.eval.floor_tolerance}")
   cpu = config.mesh.cpu_devices
-  need(_is_int(cpu) and cpu >= 1, "mesh.cpu_devices", f"must be a positive int (1 = off), "
-       f"got {cpu!r}")
+  need(_is_int(cpu) and cpu >= 0, "mesh.cpu_devices", f"must be an int >= 0 (0 = auto, "
+       f"1 = off), got {cpu!r}")
+  dist = config.distributed
+  for f in ("heartbeat_timeout_s", "shutdown_timeout_s", "barrier_timeout_s"):
+    need(_is_int(dist[f]) and dist[f] > 0, f"distributed.{f}",
+         f"must be a positive int (seconds), got {dist[f]!r}")
 
 
 def decoder_config(config, vocab_size: int) -> DecoderConfig:
