@@ -26,6 +26,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmmask import packing, parallel  # noqa: E402
+from lmmask import step as step_lib  # noqa: E402
+from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
+from lmmask.model import count_params  # noqa: E402
+
 # name -> model / data sizes. "default" is the issue's reference point.
 CONFIGS = {
     "default": dict(vocab=256, d_model=128, n_layers=4, n_heads=4, d_ff=512, seq=128, batch=32,
@@ -71,11 +76,15 @@ def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=Fa
   return c
 
 
-def set_cpu_devices(n: int):
+def set_cpu_devices(n: int, batch: int | None = None):
   """Split the host into n XLA:CPU devices (jax_num_cpu_devices); JaxRunner then splits the
   batch over them (data parallel, same maths). XLA:CPU runs most fused elementwise kernels
   on one thread, so on a multi-core CPU n > 1 is how one step uses the other cores.
-  Must run before JAX first touches a device."""
+  n=0 (the default, as lmmask's mesh.cpu_devices): every core when `batch` divides over
+  them, else 1. Must run before JAX first touches a device."""
+  if n == 0:
+    cores = len(os.sched_getaffinity(0))
+    n = cores if batch is None or batch % cores == 0 else 1
   if n != 1:
     jax.config.update("jax_num_cpu_devices", n)
 
@@ -88,7 +97,6 @@ def documents(spec: dict, n: int, seed: int = 0):
 
 def padded_batches(spec: dict, n_batches: int = 4, seed: int = 0):
   """Right-padded batches; the same documents feed the PyTorch reference."""
-  from lmmask.batching import batch_from_ids, pad_sequences
   docs = documents(spec, n_batches * spec["batch"] * 3, seed)  # the packed runs' stream
   out = []
   for i in range(n_batches):
@@ -99,7 +107,6 @@ def padded_batches(spec: dict, n_batches: int = 4, seed: int = 0):
 
 def packed_batches(spec: dict, n_batches: int = 4, seed: int = 0):
   """The same document stream packed (first fit, longest first) into batch rows."""
-  from lmmask import packing
   docs = documents(spec, n_batches * spec["batch"] * 3, seed)
   out, at = [], 0
   for _ in range(n_batches):
@@ -137,9 +144,6 @@ class JaxRunner:
   """Compiled lmmask train_step plus its batches; `measure(steps)` -> seconds/step list."""
 
   def __init__(self, spec, batches, compiler_options=None, **cfg_kw):
-    from lmmask import step as step_lib
-    from lmmask import train
-    from lmmask.model import count_params
     self.spec, self.batches = spec, [jax.device_put(b) for b in batches]
     config = lm_config(spec, **cfg_kw)
     self.state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
@@ -147,7 +151,6 @@ class JaxRunner:
     self.config = config
     self.mesh = None
     if jax.device_count() > 1:  # e.g. cpu_devices=2: the batch split over the devices
-      from lmmask import parallel
       self.mesh = parallel.mesh_from_config(config)
       parallel.check_batch_size(spec["batch"], self.mesh)
       self.state = parallel.shard_state(self.state, self.mesh)
@@ -160,7 +163,6 @@ class JaxRunner:
     if self.mesh is None:
       jitted = jax.jit(step_lib.train_step, donate_argnums=0)
     else:
-      from lmmask import parallel
       jitted = parallel.jit_train_step(step_lib.train_step, self.state, self.mesh)
     lowered = jitted.lower(self.state, self.batches[0])
     compiled = lowered.compile(compiler_options or None)  # XLA debug options, e.g. onednn
@@ -226,12 +228,12 @@ def parse_kv(argv, defaults: dict) -> dict:
 
 OPTIONS = dict(configs="default,small", steps=10, packing=False, gelu_approximate=False,
                attention=None, dtype=None, remat=False, scan_layers=False,
-               cpu_devices=1)  # >1: data parallel over that many XLA:CPU devices
+               cpu_devices=0)  # >1: data parallel over that many XLA:CPU devices; 0 = auto
 
 
 def main(argv=None):
   o = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
-  set_cpu_devices(o["cpu_devices"])
+  set_cpu_devices(o["cpu_devices"], min(CONFIGS[n]["batch"] for n in o["configs"].split(",")))
   for name in o["configs"].split(","):
     spec = CONFIGS[name]
     batches = packed_batches(spec) if o["packing"] else padded_batches(spec)

@@ -94,9 +94,9 @@ def submit(sweep_cfg, workdir: str, cluster: str, *, wait: bool = True,
   log(f"sweep {sweep_cfg.name}: {len(points)} points, {len(points) - len(todo)} already done, "
       f"{len(todo)} submitted to {cluster} ({workdir})")
   jobs = []
+  ex.update_parameters(name=f"lmmask-{sweep_cfg.name}"[:120])
   with ex.batch():  # one submission (a SLURM job array where the cluster has one)
     for p, c in todo:
-      ex.update_parameters(name=f"{sweep_cfg.name}:{p.name}"[:120])
       jobs.append(ex.submit(PointJob(), config_lib.to_dict(c), os.path.join(workdir, p.name)))
   for (p, _), job in zip(todo, jobs):
     records[p.name] = {"job_id": str(job.job_id), "stdout": str(job.paths.stdout),

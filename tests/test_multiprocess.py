@@ -36,6 +36,7 @@ CONFIGS = {"verbs": "configs/verbs.py:tiny", "text": "configs/text.py:tiny"}
 EXACT = {"data.batch_size": 16, "optim.name": "sgd", "model.dropout": 0.0,
          "train.steps": 8, "train.ckpt_every": 4, "train.eval_every": 4, "train.log_every": 4,
          "train.keep_checkpoints": 1, "train.progress_bar": False, "train.jax_cache_dir": _CACHE,
+         "data.max_eval_batches": 2,  # text: 2 eval batches per split (verbs ignores it)
          "distributed.heartbeat_timeout_s": 10, "distributed.shutdown_timeout_s": 10,
          "distributed.barrier_timeout_s": 60}
 MESH = {"mesh.data": 4, "mesh.fsdp": 2}
@@ -86,28 +87,51 @@ for name, path, workdir in json.loads(sys.argv[1]):
 """
 
 
+def start(args, devices=None):
+  """A subprocess in its own session, its output in a temporary file (no pipe to fill)."""
+  out = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lmmask_mp_{time.time_ns()}.log"),
+             "w+")
+  p = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env(devices), stdout=out,
+                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  return p, out
+
+
+def finish(p, out, what, timeout=TIMEOUT):
+  try:
+    rc = p.wait(timeout=timeout)
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)  # the launcher's children die with it (PDEATHSIG)
+      p.wait(timeout=30)
+  out.seek(0)
+  text = out.read()
+  assert rc == 0, f"{what} failed:\n{text[-4000:]}"
+  return text
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("mp")
   out = {"base": base, "timing": {}}
   t = time.perf_counter()
-  for name in CONFIGS:  # 1 device, in this process
-    c = load_config(CONFIGS[name].split("/")[1].split(":")[0], "tiny", **EXACT)
-    train.train_and_evaluate(c, str(base / f"{name}_1dev"))
-  out["timing"]["1dev"] = time.perf_counter() - t
-  t = time.perf_counter()
+  # The 8-device run and the first 2-process run start together (much of a multi-process
+  # run is waiting); the 1-device runs go meanwhile in this process.
   jobs = [[n, CONFIGS[n].split("/")[1].split(":")[0], str(base / f"{n}_8dev")] for n in CONFIGS]
-  rc, so, se = run(["-c", EIGHT, json.dumps(jobs), json.dumps({**EXACT, **MESH})], devices=8)
-  assert rc == 0, se[-4000:]
-  out["timing"]["8dev"] = time.perf_counter() - t
-  print("timing so far", out["timing"], flush=True)
-  for name in CONFIGS:
-    t = time.perf_counter()
-    rc, so, se = run(["launch.py", "--processes=2",
-                      *flags(name, base / f"{name}_2proc", **{"mesh.cpu_devices": 4})])
-    assert rc == 0, (so[-2000:], se[-4000:])
-    out[f"{name}_log"] = so + se
-    out["timing"][f"2proc_{name}"] = time.perf_counter() - t
+  eight = start(["-c", EIGHT, json.dumps(jobs), json.dumps({**EXACT, **MESH})], devices=8)
+  two = start(["launch.py", "--processes=2",
+               *flags("verbs", base / "verbs_2proc", **{"mesh.cpu_devices": 4})])
+  try:
+    for name in CONFIGS:
+      c = load_config(CONFIGS[name].split("/")[1].split(":")[0], "tiny", **EXACT)
+      train.train_and_evaluate(c, str(base / f"{name}_1dev"))
+  finally:
+    out["verbs_log"] = finish(*two, "2-process verbs run")
+    finish(*eight, "8-device runs")
+  rc, so, se = run(["launch.py", "--processes=2",
+                    *flags("text", base / "text_2proc", **{"mesh.cpu_devices": 4})])
+  assert rc == 0, (so[-2000:], se[-4000:])
+  out["text_log"] = so + se
+  out["timing"]["all"] = time.perf_counter() - t
   return out
 
 
@@ -120,7 +144,8 @@ def test_two_processes_equal_one_process_and_one_device(runs, name):
     assert rel(two[key], eight[key]) < 1e-5, (key, two[key], eight[key])
     assert rel(two[key], one[key]) < 1e-4, (key, two[key], one[key])
   print(f"{name}: val_loss rel diff 2proc-8dev {rel(two['val_loss'], eight['val_loss']):.2e}, "
-        f"2proc-1dev {rel(two['val_loss'], one['val_loss']):.2e}; timing {runs['timing']}")
+        f"2proc-1dev {rel(two['val_loss'], one['val_loss']):.2e}, train_loss 2proc-1dev "
+        f"{rel(two['train_loss'], one['train_loss']):.2e}; timing {runs['timing']}")
 
 
 @pytest.mark.slow
@@ -211,11 +236,36 @@ def test_one_process_checkpoint_evaluates_on_two(runs):
   assert rel(val_loss, results(workdir)["val_loss"]) < 1e-5
 
 
-@pytest.mark.slow
-def test_launcher_names_the_dead_process_and_stops_the_other(tmp_path):
-  """A child that fails at once (a field the config lacks is caught by the flags of
-  every child): the launcher reports it and exits non-zero, leaving no child."""
-  rc, so, se = run(["launch.py", "--processes=2", "--config=configs/verbs.py:tiny",
-                    f"--workdir={tmp_path}", "--config.train.steps=0"], timeout=120)
-  assert rc != 0
-  assert "lmmask: process" in se and "rerun the same command to resume" in se, se[-2000:]
+FAKE = r"""
+import os, sys, time
+if os.environ["LMMASK_PROCESS_ID"] == "1":
+  time.sleep(0.5)
+  sys.exit(3)
+time.sleep(120)  # process 0 would wait forever for its dead peer
+"""
+
+
+def test_launcher_names_the_dead_process_and_stops_the_others(tmp_path):
+  script = tmp_path / "child.py"
+  script.write_text(FAKE)
+  log = []
+  t = time.monotonic()
+  rc = multiprocess.run(str(script), ["--processes=3", "--mode=train"], 3, train=True,
+                        cpu_devices=2, workdir="W", log=log.append)
+  assert rc == 3 and time.monotonic() - t < 30
+  assert "process 1 of 3" in log[-1] and "exited with code 3" in log[-1], log
+  assert "stopped the other 2" in log[-1] and "rerun the same command" in log[-1]
+  pids = [int(p) for p in log[0].split("pids ")[1].rstrip(")").split(", ")]
+  for pid in pids:  # every child is gone (reaped by the launcher)
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+
+
+def test_child_environment_and_arguments():
+  e = multiprocess.child_env(1, 2, 4, env={"XLA_FLAGS": "--xla_foo=1"}, gpus=0)
+  assert e["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
+  assert multiprocess.child_env(1, 2, 4, env={}, gpus=2)["CUDA_VISIBLE_DEVICES"] == "1"
+  args = multiprocess.child_args(["--processes=2", "--config=c.py", "--config.distributed."
+                                  "process_id=7", "--workdir=W"], 1, 2, "h:1", train=True)
+  assert args[:2] == ["--config=c.py", "--workdir=W"]
+  assert "--config.distributed.process_id=1" in args and "--config.distributed.mode=manual" in args
