@@ -4,6 +4,7 @@
   python benchmarks/compare.py configs=small rounds=3 steps=8 gelu_approximate=1
   python benchmarks/compare.py cpu_devices=1   # lmmask on one XLA:CPU device (default 0:
                                                # every core, as lmmask's mesh.cpu_devices)
+  python benchmarks/compare.py tiny            # smoke run: tiny config, 1 round of 2 steps
 
 Each round runs, one after another on the same cores: lmmask on padded batches,
 PyTorch eager on the same padded batches, lmmask on the same documents packed

@@ -3,6 +3,7 @@
   python benchmarks/throughput.py                     # default and small, padded
   python benchmarks/throughput.py configs=default packing=1
   python benchmarks/throughput.py configs=gpt100m     # a GPU: bf16, cuDNN attention
+  python benchmarks/throughput.py tiny                # smoke run: the tiny config, 2 steps
 
 Reported: real (non-pad) input tokens/s, all tokens/s, median step ms, compile s,
 model FLOPs per step (6 N per token + attention, over all positions computed),
@@ -26,13 +27,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmmask import packing, parallel  # noqa: E402
+from lmmask import config as config_lib
+from lmmask import (
+  packing,  # noqa: E402
+  parallel,  # noqa: E402
+)
 from lmmask import step as step_lib  # noqa: E402
 from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
 from lmmask.model import count_params  # noqa: E402
 
-# name -> model / data sizes. "default" is the issue's reference point.
+# name -> model / data sizes. "default" is the reference point of the measured tables.
 CONFIGS = {
+    # Seconds on a CPU: for the smoke test of every script (`tiny`), never for numbers.
+    "tiny": dict(vocab=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, seq=16, batch=4,
+                 min_len=4, max_len=16, dtype="float32", attention="einsum"),
     "default": dict(vocab=256, d_model=128, n_layers=4, n_heads=4, d_ff=512, seq=128, batch=32,
                     min_len=32, max_len=128, dtype="float32", attention="einsum"),
     "small": dict(vocab=256, d_model=64, n_layers=2, n_heads=4, d_ff=256, seq=64, batch=16,
@@ -53,12 +61,7 @@ ARCH_KEYS = ("n_kv_heads", "pos_encoding", "norm", "mlp", "tie_embeddings")  # o
 def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=False,
               attention=None, dtype=None, grad_accum_steps=1, packing=False):
   """An lmmask experiment config (configs/verbs.py) resized to `spec`."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(HERE), "configs", "verbs.py")
-  s = importlib.util.spec_from_file_location("verbs_config", path)
-  mod = importlib.util.module_from_spec(s)
-  s.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_lib.load_file(os.path.join(os.path.dirname(HERE), "configs", "verbs.py"))
   m = c.model
   m.vocab_size, m.d_model, m.n_layers = spec["vocab"], spec["d_model"], spec["n_layers"]
   m.n_heads, m.d_ff, m.max_len = spec["n_heads"], spec["d_ff"], spec["seq"]
@@ -213,9 +216,18 @@ def report(name, spec, runner, times, steps, packing, peak):
   }
 
 
+TINY_ARGS = ("configs=tiny", "steps=2", "rounds=1")  # what the single word `tiny` stands for
+
+
 def parse_kv(argv, defaults: dict) -> dict:
-  """key=value words (no flags: launch.py alone defines flags) -> typed options."""
+  """key=value words (no flags: launch.py alone defines flags) -> typed options.
+
+  The single word `tiny` stands for the tiny config and the fewest steps (TINY_ARGS
+  that `defaults` knows), the smoke test's run of the whole script path.
+  """
   out = dict(defaults)
+  if list(argv) == ["tiny"]:
+    argv = [a for a in TINY_ARGS if a.partition("=")[0] in defaults]
   for item in argv:
     key, sep, value = item.partition("=")
     if not sep or key not in defaults:
@@ -240,7 +252,7 @@ def main(argv=None):
     runner = JaxRunner(spec, batches, packing=o["packing"], gelu_approximate=o["gelu_approximate"],
                        attention=o["attention"], dtype=o["dtype"], remat=o["remat"],
                        scan_layers=o["scan_layers"])
-    peak = matmul_peak(jnp.dtype(runner.config.model.dtype))
+    peak = matmul_peak(jnp.dtype(runner.config.model.dtype), n=256 if name == "tiny" else None)
     times = runner.measure(o["steps"])
     print(json.dumps(report(name, spec, runner, times, o["steps"], o["packing"], peak)),
           flush=True)

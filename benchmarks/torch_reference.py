@@ -2,6 +2,7 @@
 
   pip install -e ".[bench]"
   python benchmarks/torch_reference.py configs=default
+  python benchmarks/torch_reference.py tiny       # smoke run: tiny config, 2 steps
 
 Standard torch blocks only (nn.Embedding, nn.LayerNorm, nn.Linear, exact nn.GELU,
 F.scaled_dot_product_attention with a boolean mask, F.cross_entropy, AdamW with
@@ -32,6 +33,8 @@ except ImportError as e:  # pragma: no cover
   raise SystemExit(f"PyTorch is an optional extra: pip install -e '.[bench]' ({e})")
 
 import throughput  # noqa: E402
+
+from lmmask import step as step_lib  # noqa: E402
 
 
 class Block(nn.Module):
@@ -112,8 +115,6 @@ class TorchRunner:
 
   def __init__(self, spec, batches, *, gelu_approximate=False, threads=None, optim=None):
     import jax
-    from lmmask import step as step_lib
-    from lmmask import train
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     config = throughput.lm_config(spec, gelu_approximate=gelu_approximate, dtype="float32",

@@ -1,4 +1,4 @@
-"""Decoder options (issue 9): references for RoPE, RMSNorm, grouped attention,
+"""Decoder options: references for RoPE, RMSNorm, grouped attention,
 SwiGLU and z-loss, and the masking properties for every option combination that
 changes attention or positions, each with a planted-bug twin that must fail."""
 import dataclasses

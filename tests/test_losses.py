@@ -97,7 +97,7 @@ def test_masked_loss_unaffected_by_pad_logits():
                                rtol=1e-6)
 
 
-def test_seed000_drill_unmasked_pad_reports_0_7x():
+def test_drill_unmasked_pad_reports_0_7x():
   """30% of targets are pad and the model predicts pad perfectly: forgetting the
   loss mask divides the real loss by all positions, reporting 0.7x the true loss."""
   B, T, V, PAD = 10, 10, 7, 0

@@ -1,4 +1,5 @@
-"""Issue 7 on 8 fake CPU devices (a subprocess: the main pytest process has 1 device).
+"""Sharding, accumulation and resharded resume on 8 fake CPU devices (a subprocess: the main
+pytest process has 1 device).
 
 Sharded (8 data; 4 data x 2 fsdp) and accumulated (4 micro-batches whose
 real-token counts differ ~10x) losses and gradients equal the single-device,

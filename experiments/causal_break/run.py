@@ -1,6 +1,7 @@
 """The forgotten-causal-mask break, measured: one command, two runs, one report.
 
   PYTHONPATH=. python experiments/causal_break/run.py
+  PYTHONPATH=. python experiments/causal_break/run.py tiny   # smoke run, seconds
 
 Trains configs/verbs.py twice with the same seed and steps, once as is and once
 with causal=false, then evaluates both (teacher-forced and inference-mode loss,
@@ -9,11 +10,12 @@ attention audit) and writes experiments/causal_break/REPORT.md, results.json and
 figures/*.png. Workdirs go to $LMMASK_CAUSAL_BREAK_DIR (default
 /tmp/lmmask/causal_break); a rerun resumes them (a finished run is only
 re-evaluated), and a workdir holding another experiment is refused, never
-overwritten. No flags: launch.py is the only file that defines them.
+overwritten. No flags: launch.py is the only file that defines them. `tiny`: the
+same two runs on configs/verbs.py:tiny, with workdirs, report and figures in a
+temporary directory.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -24,29 +26,29 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(HERE))
 
+import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmmask import audit, evaluation, train  # noqa: E402
-from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask.data import pipeline  # noqa: E402
-from lmmask import eval_verbs
-from lmmask import step as step_lib
-from lmmask.data import verbs_source
-from lmmask import workdir as workdir_lib
+from lmmask import audit, eval_verbs, losses, ngram, train  # noqa: E402
+from lmmask import config as config_lib
+from lmmask import step as step_lib  # noqa: E402
+from lmmask import workdir as workdir_lib  # noqa: E402
+from lmmask.data import pipeline, verbs_source  # noqa: E402
 
-RUNS = {"causal": "", "no_causal": "causal=false"}  # name -> configs/verbs.py argument
+TINY = common.is_tiny()
+OUT = common.output_dir(HERE)  # REPORT.md, results.json, figures/
+# name -> configs/verbs.py argument
+RUNS = ({"causal": "tiny", "no_causal": "tiny,causal=false"} if TINY else
+        {"causal": "", "no_causal": "causal=false"})
 LOG_EVERY, EVAL_EVERY = 1, 10  # resumable fields: fine-grained curves near the start
 SAMPLE_TEMPERATURE, SAMPLE_SEEDS = 1.0, (0, 1, 2)
 
 
 def get_config(arg):
-  spec = importlib.util.spec_from_file_location("verbs_cfg", os.path.join(REPO, "configs",
-                                                                          "verbs.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = config_lib.load_file(os.path.join(REPO, "configs", "verbs.py") + (f":{arg}" if arg else ""))
   c.train.log_every = LOG_EVERY
   c.train.eval_every = EVAL_EVERY
   c.train.progress_bar = False
@@ -65,7 +67,7 @@ def read_metrics(workdir):
 
 
 def collapse_stats(rows, vocab):
-  """How degenerate are the completions? (seed 002: repeats, <bos> collapse)."""
+  """How degenerate are the completions (repeated tokens, <bos> collapse)?"""
   n = len(rows)
   outs = [r["completion"].split() for r in rows]
   first = [o[0] if o else "" for o in outs]
@@ -78,16 +80,20 @@ def collapse_stats(rows, vocab):
           "most_common_first_token": top_first, "most_common_first_share": top_count / n}
 
 
+@jax.jit  # once per batch shape: run op by op, this dispatches hundreds of kernels
+def _token_nll(state, batch):
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
+  return losses.per_token_nll(logits, batch.targets, batch.loss_mask)[0]
+
+
 def val_loss_by_seen_target(state, corpus, val_split, batch_size):
   """Teacher-forced val loss split by whether the target token occurs in training."""
-  from lmmask import losses
   seen = np.zeros(len(corpus.vocab), bool)
   for e in corpus.train:
     seen[list(e.ids)] = True
   sums = {True: [0.0, 0], False: [0.0, 0]}
   for b in pipeline.eval_batches(val_split, batch_size=batch_size, pad_id=corpus.vocab.pad_id):
-    logits = step_lib.forward(state, state.params, b, deterministic=True)
-    nll = np.asarray(losses.per_token_nll(logits, b.targets, b.loss_mask)[0])
+    nll = np.asarray(_token_nll(state, b))
     mask = np.asarray(b.loss_mask) > 0
     tgt_seen = seen[np.asarray(b.targets)]
     for flag in (True, False):
@@ -99,10 +105,12 @@ def val_loss_by_seen_target(state, corpus, val_split, batch_size):
 
 
 def evaluate_run(name, workdir, config):
-  config_, corpus, train_split, val_split, state, step = evaluation.load_state(workdir)
+  config_, data, state, step = workdir_lib.restore_state(workdir)
+  corpus = data.info
+  _, train_split, val_split = verbs_source.splits(config)
   pad, bs = corpus.vocab.pad_id, config.data.eval_batch_size
   out = {"step": step}
-  sets = train.build_eval_sets(config, train_split, val_split, pad)
+  sets = data.eval_sets()
   out.update(step_lib.run_evals(state, sets))
   for split_name, split in (("train", train_split), ("val", val_split)):
     inf = eval_verbs.prefix_recompute_eval(
@@ -125,7 +133,7 @@ def evaluate_run(name, workdir, config):
   out["sampled_examples"] = sampled[0]["examples"]
   out["sampled_collapse"] = collapse_stats(sampled[0]["rows"], corpus.vocab)
   # the best-by-val-loss checkpoint (kept by train.py), for comparison with the final one
-  _, _, _, _, best, best_step = evaluation.load_state(workdir, None, "best")
+  _, _, best, best_step = workdir_lib.restore_state(workdir, "best")
   bev = step_lib.evaluate(best, sets["val"])
   bem = eval_verbs.exact_match(best, corpus, max_new_tokens=config.eval.max_new_tokens,
                                num_examples=0)
@@ -134,18 +142,18 @@ def evaluate_run(name, workdir, config):
                  "exact_match_regular": bem["exact_match_regular"],
                  "exact_match_irregular": bem["exact_match_irregular"],
                  "over_regularised": bem["over_regularised"]}
-  res = audit.run_audit(state, config_, corpus, outdir=os.path.join(workdir, "audit"))
+  res = audit.run_audit(state, config_, data, outdir=os.path.join(workdir, "audit"))
   out["audit"] = {k: res[k] for k in ("passed", "checks", "future_max_logit_change",
                                       "pad_max_logit_change", "max_mass_above_diagonal",
                                       "max_mass_on_pad_keys", "mass_above_diagonal",
                                       "mass_on_pad_keys")}
-  figdir = os.path.join(HERE, "figures")
+  figdir = os.path.join(OUT, "figures")
   os.makedirs(figdir, exist_ok=True)
   out["heatmaps"] = []
   for i, path in enumerate(res.get("heatmaps", [])[:2]):
     dst = os.path.join(figdir, f"attention_{name}_{i}.png")
     shutil.copyfile(path, dst)
-    out["heatmaps"].append(os.path.relpath(dst, HERE))
+    out["heatmaps"].append(os.path.relpath(dst, OUT))
   return out
 
 
@@ -327,7 +335,7 @@ def write_report(summary, path):
   for e in b["sampled_examples"][:6]:
     L.append(f"| `{e['prompt']}` | `{e['completion']}` | `{e['reference']}` |")
   L.append("")
-  L.append("## Seed 002's predictions: which held\n")
+  L.append("## The predictions: which held\n")
   L.append("| prediction | measured | held? |\n|---|---|---|")
   for pred, measured, held in summary["predictions"]:
     L.append(f"| {pred} | {measured} | {held} |")
@@ -388,8 +396,9 @@ def judge(summary):
 
 def main():
   t0 = time.time()
-  root = os.environ.get("LMMASK_CAUSAL_BREAK_DIR", "/tmp/lmmask/causal_break")
-  os.makedirs(os.path.join(HERE, "figures"), exist_ok=True)
+  root = (os.path.join(common.tiny_root(), "runs") if TINY else
+          os.environ.get("LMMASK_CAUSAL_BREAK_DIR", "/tmp/lmmask/causal_break"))
+  os.makedirs(os.path.join(OUT, "figures"), exist_ok=True)
   metrics, runs, configs = {}, {}, {}
   for name, arg in RUNS.items():
     config = get_config(arg)
@@ -413,7 +422,6 @@ def main():
     r["first_batch_below_1e-4"] = first_step_below(m["train"], "loss", 1e-4)
     runs[name] = r
   corpus = verbs_source.splits(configs["causal"])[0]
-  from lmmask import ngram
   summary = {
       "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "git_commit": workdir_lib.provenance()["git_commit"], "device": jax.devices()[0].device_kind,
@@ -425,15 +433,15 @@ def main():
       "baseline": ngram.baseline_results(configs["causal"], corpus),
       "runs": runs,
   }
-  plot_curves(metrics, floor, summary["log_vocab"], os.path.join(HERE, "figures",
+  plot_curves(metrics, floor, summary["log_vocab"], os.path.join(OUT, "figures",
                                                                  "train_loss.png"),
-              os.path.join(HERE, "figures", "val_loss.png"))
+              os.path.join(OUT, "figures", "val_loss.png"))
   summary["predictions"] = judge(summary)
   summary["wall_seconds"] = time.time() - t0
   summary["reading"] = reading(summary)
-  write_report(summary, os.path.join(HERE, "REPORT.md"))
-  workdir_lib.atomic_write_json(os.path.join(HERE, "results.json"), summary)
-  print(f"wrote {os.path.join(HERE, 'REPORT.md')}")
+  write_report(summary, os.path.join(OUT, "REPORT.md"))
+  workdir_lib.atomic_write_json(os.path.join(OUT, "results.json"), summary)
+  print(f"wrote {os.path.join(OUT, 'REPORT.md')}")
   c, b = runs["causal"], runs["no_causal"]
   print(f"floor {floor:.4f} | causal train {c['train_loss']:.4f} val {c['val_loss']:.4f} "
         f"EM {c['greedy']['exact_match']:.3f} | no_causal train {b['train_loss']:.4f} "

@@ -1,12 +1,15 @@
 """Ablation 2: per-length-bucket loss under token_mean, seq_mean and seq_mean_of_means.
 
   PYTHONPATH=. python experiments/length_bias/run.py
+  PYTHONPATH=. python experiments/length_bias/run.py tiny   # smoke run, seconds
 
 Runs configs/sweeps/length_bias.py through lmmask.sweep (3 reductions x 3 seeds,
 with checkpoints) into $LMMASK_EXPERIMENTS/length_bias, restores each point's
 final checkpoint and measures the token-mean NLL of every tense (the tenses are
 the length buckets: present forms are the shortest, going_to the longest), on
 the train forms and on the held-out val forms. Writes results.md next to this file.
+`tiny`: token_mean and seq_mean_of_means only, seed=0, 4 steps per point,
+everything in a temporary directory.
 """
 import os
 import sys
@@ -14,21 +17,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask import losses, sweep, train  # noqa: E402
-from lmmask.batching import batch_from_ids  # noqa: E402
-from lmmask.data import pipeline, verbs  # noqa: E402
+from lmmask import losses, sweep  # noqa: E402
 from lmmask import step as step_lib
-from lmmask.data import verbs_source
 from lmmask import workdir as workdir_lib
+from lmmask.batching import batch_from_ids  # noqa: E402
+from lmmask.data import pipeline, verbs, verbs_source  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REDS = ("token_mean", "seq_mean", "seq_mean_of_means")
+OUT = common.output_dir(HERE)
+REDS = ("token_mean", "seq_mean", "seq_mean_of_means")  # token_mean first: the reference
 
 
 def restore_state(point_dir):
@@ -42,13 +44,19 @@ def restore_state(point_dir):
   return config, corpus, state.replace_from_tree(tree)
 
 
+@jax.jit  # once per batch shape: run op by op, this dispatches hundreds of kernels
+def _nll(state, batch):
+  logits = step_lib.forward(state, state.params, batch, deterministic=True)
+  nll, _, mask = losses.per_token_nll(logits, batch.targets, batch.loss_mask)
+  return nll, mask
+
+
 def per_example_nll(state, config, corpus, examples):
   """(sum of NLL, number of targets) per example, dropout off."""
   split = pipeline.pad_split(examples, length=config.data.length,
                                    pad_id=corpus.vocab.pad_id, pad_side=config.data.pad_side)
   batch = batch_from_ids(split.ids, pad_id=corpus.vocab.pad_id)
-  logits = step_lib.forward(state, state.params, batch, deterministic=True)
-  nll, _, mask = losses.per_token_nll(logits, batch.targets, batch.loss_mask)
+  nll, mask = _nll(state, batch)
   return np.asarray(nll.sum(1)), np.asarray(mask.sum(1))
 
 
@@ -64,9 +72,14 @@ def bucket_losses(state, config, corpus, examples):
 def main():
   t0 = time.time()
   cfg = sweep.load_config_file("configs/sweeps/length_bias.py")
+  reds = REDS
+  if common.is_tiny():
+    cfg = common.shrink_sweep(cfg)
+    reds = ("token_mean", "seq_mean_of_means")
+    cfg.grid.loss.reduction = list(reds)
   wd = common.workdir("length_bias")
   rows = sweep.run(cfg, wd)
-  common.copy(os.path.join(wd, "results.csv"), HERE, "sweep_results.csv")
+  common.copy(os.path.join(wd, "results.csv"), OUT, "sweep_results.csv")
   corpus0 = verbs.build_corpus("verbs")
   forms_train = [e for e in corpus0.train if e.kind == "form"]
   forms_val = list(corpus0.val)
@@ -87,7 +100,7 @@ def main():
   summary = {}
   for which in ("train", "val"):
     table = []
-    for red in REDS:
+    for red in reds:
       per = res[(red, which)]
       cells = [common.fmt_ms(*common.mean_std([p[t] for p in per])) for t in order]
       gap = [p[order[-1]] - p[order[0]] for p in per]
@@ -99,7 +112,7 @@ def main():
                                    **{t: common.mean_std([p[t] for p in per]) for t in order}}
     # Relative to token_mean, per seed (same seed = same init and batches).
     rel = []
-    for red in REDS[1:]:
+    for red in reds[1:]:
       cells = []
       for t in order:
         d = [a[t] - b[t] for a, b in zip(res[(red, which)], res[("token_mean", which)])]
@@ -112,7 +125,7 @@ def main():
               f"### {which}: difference to token_mean, paired by seed", "",
               common.md_table(["reduction", *hdr], rel), ""]
   parts.append(f"Total wall time: {time.time() - t0:.0f} s.")
-  common.write_results(HERE, parts, summary)
+  common.write_results(OUT, parts, summary)
 
 
 if __name__ == "__main__":

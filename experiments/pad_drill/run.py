@@ -1,6 +1,7 @@
 """Ablation 3: the pad drill. Loss with pad targets left in vs masked, at known pad fractions.
 
   PYTHONPATH=. python experiments/pad_drill/run.py
+  PYTHONPATH=. python experiments/pad_drill/run.py tiny   # smoke run, seconds
 
 Trains the tiny model twice per seed with the library's `train_step`: once on the
 library's batches (pad targets masked) and once on the same batches with the loss
@@ -10,6 +11,7 @@ train sequences padded to known pad fractions p, it reports
   masked   = token-mean NLL over real targets (the true loss)
   pads in  = token-mean NLL over every target position, pads included
 and the ratio pads_in / masked against 1 - p. Writes results.md next to this file.
+`tiny`: 4 steps, the report in a temporary directory.
 """
 import json
 import os
@@ -18,23 +20,25 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmmask import config as config_lib  # noqa: E402
-from lmmask import losses, sweep, train  # noqa: E402
-from lmmask.batching import batch_from_ids  # noqa: E402
-from lmmask.data import pipeline  # noqa: E402
-from lmmask import parallel
+from lmmask import losses, parallel, sweep  # noqa: E402
 from lmmask import step as step_lib
-from lmmask.data import verbs_source
+from lmmask.batching import batch_from_ids  # noqa: E402
+from lmmask.data import (
+  pipeline,  # noqa: E402
+  verbs_source,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = common.output_dir(HERE)
 SEEDS = (0, 1)
 REGIMES = ("masked", "pads_in")
-STEPS = 300
+STEPS = 4 if common.is_tiny() else 300
+CURVE_EVERY = min(50, STEPS)  # steps between the training-loss rows of the report
 TARGET_P = (0.5, 0.7, 0.9)  # reached by appending all-pad rows to the L = 14 batch
 
 
@@ -67,7 +71,7 @@ def train_all():
         b = b.replace(loss_mask=np.ones_like(b.loss_mask))
       bs.append(b)
     stacked, m = step_fn(stacked, jax.tree.map(lambda *x: np.stack(x), *bs))
-    if (step + 1) % 50 == 0:
+    if (step + 1) % CURVE_EVERY == 0:
       curve.append((step + 1, [float(v) for v in jax.device_get(m["loss"])]))
   unstack = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(runs))]
   return runs, unstack, corpus, tr, curve
@@ -89,14 +93,19 @@ def drill_batches(split, pad):
   return out
 
 
-def losses_on(state, batch):
+@jax.jit  # once per batch shape: run op by op, this dispatches hundreds of kernels
+def _losses(state, batch):
   logits = step_lib.forward(state, state.params, batch, deterministic=True)
   masked, _ = losses.masked_cross_entropy(logits, batch.targets, batch.loss_mask)
   ones = jnp.ones_like(batch.loss_mask)
   pads_in, _ = losses.masked_cross_entropy(logits, batch.targets, ones)
-  pad_only = jnp.asarray(1.0 - batch.loss_mask)
+  pad_only = 1.0 - batch.loss_mask
   pad_nll, _ = losses.masked_cross_entropy(logits, batch.targets, pad_only)
-  return float(masked), float(pads_in), float(pad_nll)
+  return masked, pads_in, pad_nll
+
+
+def losses_on(state, batch):
+  return tuple(float(x) for x in _losses(state, batch))
 
 
 def main():
@@ -131,9 +140,9 @@ def main():
            + ", ".join(f"{r}/seed{s}" for r, s in runs) + "):", "",
            common.md_table(["step", *[f"{r}/s{s}" for r, s in runs]], curve_rows), "",
            f"Total wall time: {time.time() - t0:.0f} s."]
-  with open(os.path.join(HERE, "results.md"), "w") as f:
+  with open(os.path.join(OUT, "results.md"), "w") as f:
     f.write("\n".join(parts) + "\n")
-  with open(os.path.join(HERE, "summary.json"), "w") as f:
+  with open(os.path.join(OUT, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print("\n".join(parts))
 

@@ -3,9 +3,11 @@
 One command (about 10-15 minutes on 2 busy CPU cores):
 
   PYTHONPATH=. python experiments/sft_loss_mask/run.py [ROOT] [VARIANT]
+  PYTHONPATH=. python experiments/sft_loss_mask/run.py tiny   # smoke run, seconds
 
 ROOT (default runs/sft_loss_mask) receives the datasets and workdirs; VARIANT is
-appended to the configs/chat.py argument (e.g. "tiny" for a smoke run). Steps:
+appended to the configs/chat.py argument (e.g. "tiny" for a smoke run). The single
+argument `tiny` means ROOT = a fresh temporary directory and VARIANT = tiny. Steps:
 
   1. prepare the plain-text corpus (trains the byte-level BPE) and the chat set
      (with the same tokenizer), both from lmmask.data.synthetic_chat;
@@ -24,49 +26,39 @@ Reruns reuse finished datasets and runs (training resumes or is a no-op).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 
-import jax
 import numpy as np
-from ml_collections import ConfigDict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(HERE))
 
-from lmmask import chat_eval, train  # noqa: E402
-from lmmask import checkpoint as ckpt  # noqa: E402
-from lmmask.batching import batch_from_ids  # noqa: E402
-from lmmask.data import prepare, shards  # noqa: E402
+import common  # noqa: E402  (experiments/common.py)
+
+from lmmask import config as config_lib
+from lmmask import eval_chat, train
 from lmmask import step as step_lib
 from lmmask import workdir as workdir_lib
+from lmmask.batching import batch_from_ids
+from lmmask.data import prepare, shards, tokenizer
 
 SEEDS = (0, 1, 2)
 
 
 def chat_config(arg):
-  spec = importlib.util.spec_from_file_location("chat_config",
-                                                os.path.join(REPO, "configs", "chat.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = config_lib.load_file(os.path.join(REPO, "configs", "chat.py") + ":" + arg)
   c.train.progress_bar = False
   return c
 
 
 def restore(workdir):
-  """(config, state) of a workdir's latest checkpoint."""
-  config = ConfigDict(workdir_lib.load_config(workdir))
-  meta = shards.read_meta(config.data.path)
-  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                   vocab_size=meta["vocab_size"])
-  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints, create=False)
-  _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
-  mngr.close()
-  return config, state.replace_from_tree(tree)
+  """(config, state) of a workdir's latest checkpoint (the one restore)."""
+  config, _, state, _ = workdir_lib.restore_state(workdir)
+  return config, state
 
 
 def token_losses(state, split, length, pad_id, batch_size=64):
@@ -90,8 +82,9 @@ def evaluate_model(state, config, chat_path, tok, num_examples=0):
   split = shards.ShardSplit(chat_path, "val", use_loss_mask=True)
   length = config.data.length
   m = token_losses(state, split, length, tok.pad_id)
-  turns, examples = chat_eval.evaluate_turns(state.graphdef, state.params, split, tok,
-                                             length=length, max_new=12,
+  docs = [split.doc(d)[0] for d in range(len(split))]
+  turns, examples = eval_chat.evaluate_turns(state, docs, tok, max_new=12,
+                                             max_len=config.model.max_len,
                                              num_examples=num_examples)
   return {**m, **turns}, examples
 
@@ -108,7 +101,7 @@ def main(root="runs/sft_loss_mask", variant=""):
   sft_on.prepare.tokenizer = os.path.join(text_path, shards.TOKENIZER_FILE)
   if not os.path.exists(chat_path):
     prepare.prepare(sft_on)
-  tok = prepare.ChatTokenizer.load(chat_path)
+  tok = tokenizer.Tokenizer.load_chat(chat_path)
   base_dir = os.path.join(root, "base")
   reused = []  # runs finished by an earlier invocation (then only evaluated here)
 
@@ -231,7 +224,7 @@ def write_report(summary, examples, pre, sft, meta) -> str:
             "Records longer than data.length tokens are dropped at prepare time "
             f"({meta.get('dropped_too_long')}). One base model is shared by all fine-tuning "
             "runs; the seed varies the fine-tuning only.", "",
-            "## Example conversations (val, seed 0)", ""]
+            "## Example conversations (val, seed=0)", ""]
   for name, exs in examples.items():
     lines.append(f"### {name}")
     lines.append("")
@@ -244,4 +237,7 @@ def write_report(summary, examples, pre, sft, meta) -> str:
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:3])
+  if sys.argv[1:] == [common.TINY]:
+    main(os.path.join(common.tiny_root(), "sft_loss_mask"), common.TINY)
+  else:
+    main(*sys.argv[1:3])

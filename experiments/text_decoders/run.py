@@ -1,8 +1,9 @@
-"""Issue 9 experiment report: val PPL, a bigram baseline and samples for text runs.
+"""Text decoders compared: val PPL, a bigram baseline and samples for text runs.
 
   python launch.py --config=configs/text.py --workdir=/tmp/lmmask/gpl3
   python launch.py --config=configs/text.py:modern --workdir=/tmp/lmmask/gpl3_modern
   python experiments/text_decoders/run.py /tmp/lmmask/gpl3 /tmp/lmmask/gpl3_modern
+  python experiments/text_decoders/run.py tiny   # smoke run: trains its own tiny run first
 
 For each workdir: the best-by-val checkpoint's train/val loss and PPL, its parameter
 count, and greedy / temperature samples from a few prompts. Sampling here is a
@@ -11,23 +12,30 @@ sample can run longer than the context; lmmask/decode.py's KV cache stops at
 max_len. The bigram
 baseline is add-k smoothed on the training shards and scored on exactly the val
 targets the model is scored on (k picked on val, so it is an optimistic baseline).
+`tiny` writes a small generated text, trains configs/text.py:tiny,modern on it for
+a few steps in a temporary directory, and reports on that workdir.
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 
-import jax
-import numpy as np
-from flax import nnx
-from ml_collections import ConfigDict
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, os.path.dirname(HERE))
 
-from lmmask import checkpoint as ckpt
-from lmmask import train
-from lmmask.model import count_params
-from lmmask.data import registry
-from lmmask import step as step_lib
-from lmmask import workdir as workdir_lib
+import common  # noqa: E402  (experiments/common.py)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from ml_collections import ConfigDict  # noqa: E402
+
+from lmmask import checkpoint as ckpt  # noqa: E402
+from lmmask import decode, sweep, train  # noqa: E402
+from lmmask import step as step_lib  # noqa: E402
+from lmmask import workdir as workdir_lib  # noqa: E402
+from lmmask.data import registry  # noqa: E402
+from lmmask.model import count_params  # noqa: E402
 
 PROMPTS = ("The GNU General Public License", "You may convey", "If you", "  13. ")
 
@@ -62,36 +70,36 @@ def bigram_baseline(data):
   return best
 
 
-def sample(state, tok, prompt, *, max_new=48, temperature=0.0, seed=0, window=64):
-  model = state.model()
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def next_logits(params, ids, key_mask, last):
-    m = nnx.merge(graphdef, params)
-    return m(ids, key_mask=key_mask)[0, last]
-
+def sample(state, tok, prompt, *, max_new=48, temperature=0.0, seed=0):
+  """A continuation from the one generation path (`decode.generate`), as long as the
+  model's positions allow."""
   ids = [tok.bos_id, *tok.encode(prompt)]
-  rng = np.random.default_rng(seed)
-  for _ in range(max_new):
-    ctx = ids[-window:]
-    buf = np.zeros((1, window), np.int32)
-    buf[0, :len(ctx)] = ctx
-    km = np.zeros((1, window), bool)
-    km[0, :len(ctx)] = True
-    logits = np.asarray(next_logits(params, buf, km, len(ctx) - 1), np.float64)
-    if temperature <= 0:
-      nxt = int(logits.argmax())
-    else:
-      p = np.exp((logits - logits.max()) / temperature)
-      nxt = int(rng.choice(len(p), p=p / p.sum()))
-    if nxt == tok.eos_id:
-      break
-    ids.append(nxt)
-  return tok.decode(ids)
+  budget = min(max_new, state.model().cfg.max_len + 1 - len(ids))
+  rng = jax.random.PRNGKey(seed) if temperature > 0 else None
+  gen = decode.generate(state, [ids], max_new_tokens=budget, temperature=temperature, rng=rng,
+                        eos_id=tok.eos_id, pad_id=tok.pad_id)
+  return tok.decode(ids + decode.strip_after_eos(gen.tokens[0], eos_id=tok.eos_id,
+                                                 pad_id=tok.pad_id))
 
 
-def main(workdirs):
+def tiny_workdirs():
+  """Train configs/text.py:tiny,modern on a generated text; return its workdir."""
+  root = common.tiny_root()
+  rng = np.random.default_rng(0)
+  words = ("you", "may", "convey", "a", "covered", "work", "the", "license", "of",
+           "software", "and", "if", "General", "Public", "GNU", "permissions", "13.")
+  docs = [" ".join(rng.choice(words, size=rng.integers(8, 40))) + "." for _ in range(60)]
+  path = os.path.join(root, "text.txt")
+  with open(path, "w") as f:
+    f.write("\n\n".join(docs) + "\n")
+  config = sweep.load_config_file(f"configs/text.py:tiny,modern,path={path}")
+  config.train.progress_bar = False
+  workdir = os.path.join(root, "text_modern")
+  train.train_and_evaluate(config, workdir)
+  return [workdir]
+
+
+def main(workdirs, max_new=48):
   baseline_done = False
   for wd in workdirs:
     config, data, state, step = restore_best(wd)
@@ -109,12 +117,17 @@ def main(workdirs):
       baseline_done = True
     tok = data.info["tokenizer"]
     for p in PROMPTS:
-      print(f"   greedy  {sample(state, tok, p, window=m.max_len)!r}")
+      print(f"   greedy  {sample(state, tok, p, max_new=max_new)!r}")
     for seed in (0, 1):
-      print(f"   T=0.8   {sample(state, tok, PROMPTS[0], temperature=0.8, seed=seed, window=m.max_len)!r}")
+      text = sample(state, tok, PROMPTS[0], max_new=max_new, temperature=0.8, seed=seed)
+      print(f"   T=0.8   {text!r}")
 
 
 if __name__ == "__main__":
   if len(sys.argv) < 2:
-    raise SystemExit("usage: python experiments/text_decoders/run.py WORKDIR [WORKDIR ...]")
-  main(sys.argv[1:])
+    raise SystemExit("usage: python experiments/text_decoders/run.py WORKDIR [WORKDIR ...]"
+                     " | tiny")
+  if sys.argv[1:] == [common.TINY]:
+    main(tiny_workdirs(), max_new=8)
+  else:
+    main(sys.argv[1:])
