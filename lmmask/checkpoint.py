@@ -71,8 +71,11 @@ def manager(workdir: str, sub: str, keep: int, create: bool = True,
     if _primary():
       _remove_tmp_dirs(directory)  # saves cut short by a crash (orbax would also, later)
     parallel.barrier(f"ckpt_open_{sub}", barrier_timeout_s)
-  opts = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
-                                      cleanup_tmp_directories=create)
+  # orbax names its cross-process barriers after the step; the latest and the best
+  # managers may save the same step at once, so each gets its own barrier prefix.
+  opts = ocp.CheckpointManagerOptions(
+      max_to_keep=None, create=create, cleanup_tmp_directories=create,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=sub))
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   mngr = ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
   mngr.lmmask_keep = keep        # pruned by `finish`, only after a newer save completed

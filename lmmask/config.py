@@ -17,7 +17,7 @@ import os
 from ml_collections import ConfigDict, config_dict
 
 from lmmask import losses, optim
-from lmmask.model import DecoderConfig
+from lmmask.model import HONOURS_SEGMENTS, DecoderConfig
 
 CORPORA = ("verbs", "text", "shards")  # data.corpus values (lmmask/data/registry.py)
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite
@@ -400,6 +400,9 @@ def validate(config) -> None:
        f"{ga} must divide data.batch_size={d.batch_size}")
   need(not d.packing or d.corpus in ("verbs", "text"), "data.packing",
        f"corpus {d.corpus!r} keeps one whole document per row; set data.packing=False")
+  need(not d.packing or m.attention in HONOURS_SEGMENTS, "model.attention",
+       f"{m.attention!r} cannot apply packed rows' segment ids; with data.packing use one of "
+       f"{', '.join(HONOURS_SEGMENTS)}")
   need(not (d.packing and d.pad_side != "right"), "data.pad_side",
        "packing fills rows from the left; set data.pad_side=right with data.packing")
   need(config.eval.direction in DIRECTIONS, "eval.direction",
