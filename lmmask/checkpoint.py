@@ -128,10 +128,10 @@ def prune(mngr):
   many = jax.process_count() > 1
   if many:  # every process has finished writing (and process 0 renamed) the last save
     parallel.barrier("ckpt_saved", timeout)
-  mngr.reload()
-  old = sorted(mngr.all_steps())[:-keep]
-  if many and not _primary():
-    old = []  # process 0 deletes; the others only see the result
+  old = []
+  if _primary():  # the others must not even list the directory while process 0 deletes
+    mngr.reload()
+    old = sorted(mngr.all_steps())[:-keep]
   for step in old:
     # Rename first: a crash during the removal leaves a temporary directory (ignored,
     # and removed by the next run), never a half-deleted step that looks complete.

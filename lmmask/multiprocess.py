@@ -11,6 +11,7 @@ Every wait has a timeout and `finally` kills whatever is left: never a hang.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -78,14 +79,17 @@ def child_args(argv: list[str], i: int, n: int, addr: str, train: bool) -> list[
   return out
 
 
+try:  # loaded here, not in the forked child (no imports between fork and exec)
+  _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # not Linux
+  _LIBC = None
+
+
 def _die_with_parent():
   """In the child, before exec: the kernel kills it if the launcher dies (even by
   kill -9), so no child outlives its launcher (Linux; elsewhere a no-op)."""
-  try:
-    import ctypes
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
+  if _LIBC is not None:
+    _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _kill_group(p: subprocess.Popen, sig=signal.SIGKILL):

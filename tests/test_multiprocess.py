@@ -258,6 +258,9 @@ time.sleep(120)  # process 0 would wait forever for its dead peer
 """
 
 
+# JAX (imported by this pytest process) warns about any fork; the launcher's children
+# exec at once.
+@pytest.mark.filterwarnings("ignore:os.fork")
 def test_launcher_names_the_dead_process_and_stops_the_others(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(FAKE)
