@@ -51,7 +51,9 @@ _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "generate: a file, one p
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy, > 0 samples.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeliest tokens.")
 _TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass in (0, 1].")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "generate: tokens to add per prompt.")
+_MAX_NEW = flags.DEFINE_integer(
+    "max_new_tokens", None, "generate: tokens to add per prompt (default: the run's "
+    "eval.max_new_tokens, sized for its tokenization).")
 _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate/eval: PRNG seed for sampling.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: render each prompt as a user turn of a "
                           "chat model and print the assistant's reply.")

@@ -111,10 +111,14 @@ def prompt_ids(data, prompt: str, *, chat: bool = False) -> list[int]:
 
 
 def generate_text(workdir: str, prompts, *, step=None, which: str = "latest",
-                  max_new_tokens: int = 8, temperature: float = 0.0, top_k=None, top_p=None,
-                  seed: int = 0, chat: bool = False):
-  """[(prompt, completion)] from a workdir's checkpoint, encoded with its own tokenizer."""
-  _, data, state, _ = wd.restore_state(workdir, which, step)
+                  max_new_tokens: int | None = None, temperature: float = 0.0, top_k=None,
+                  top_p=None, seed: int = 0, chat: bool = False):
+  """[(prompt, completion)] from a workdir's checkpoint, encoded with its own tokenizer.
+  max_new_tokens=None: the run's eval.max_new_tokens (sized for its tokenization; a
+  character-level reply needs several times the word budget)."""
+  config, data, state, _ = wd.restore_state(workdir, which, step)
+  if max_new_tokens is None:
+    max_new_tokens = config.eval.max_new_tokens
   tok = data.tokenizer
   ids = [prompt_ids(data, p, chat=chat) for p in prompts]
   stop = tok.end_id if chat else tok.eos_id

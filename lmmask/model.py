@@ -8,14 +8,15 @@ parameters (no RNG counters to thread through jit or checkpoints).
 
 Options (DecoderConfig; the defaults are the original decoder): learned or rotary
 positions, LayerNorm or RMSNorm, GELU or SwiGLU MLP, grouped-query / multi-query
-attention (`n_kv_heads`) and tied input/output embeddings. Rotary embeddings are
+attention (`n_kv_heads`), tied input/output embeddings, which linear layers have
+a bias, and the norm epsilon. Rotary embeddings are
 driven by the `positions` array, never by the array index, so left padding,
 packed segments (positions restart) and a cache's query offset all rotate each
 token by its own position. For a KV cache: `Attention.project` returns q and the
 already-rotated k, v of new tokens; `attend` takes any keys/values (e.g. cached
 ones concatenated with new ones) and a (B, 1, Tq, Tk) boolean mask's bias.
 
-Speed options (issue 7; all exact, off = the reference path): `attention` picks
+Speed options (all exact, off = the reference path): `attention` picks
 the einsum reference or jax.nn.dot_product_attention (xla | cudnn) fed with the
 structured form of the same mask (`masks.attention_structure`); `remat`
 recomputes block activations in the backward pass; `scan_layers` runs the
@@ -64,7 +65,13 @@ class DecoderConfig:
   mlp: str = "gelu"               # gelu: fc2(gelu(fc1 x)); swiglu: fc2(silu(gate) * up)
   n_kv_heads: int = 0             # key/value heads: 0 or n_heads = MHA, 1 = MQA, else GQA
   tie_embeddings: bool = False    # True: logits = x @ embed.T (no separate head, no bias)
-  # issue 7 (speed): attention kernel, rematerialisation, scan over layers.
+  # Biases and norm epsilon, so imported families (Llama: none, Qwen2: q/k/v only) are exact.
+  qkv_bias: bool = True           # bias on the fused q/k/v projection
+  out_bias: bool = True           # bias on the attention output projection
+  mlp_bias: bool = True           # bias on fc1 and fc2
+  head_bias: bool = True          # bias on the untied LM head
+  norm_eps: float = 1e-6          # epsilon of every LayerNorm / RMSNorm
+  # Speed: attention kernel, rematerialisation, scan over layers.
   attention: str = "einsum"       # einsum (reference) | xla | cudnn (jax.nn.dot_product_attention)
   remat: bool = False             # recompute each block's activations in the backward pass
   scan_layers: bool = False       # lax.scan over blocks (compile time on accelerators)
@@ -94,8 +101,11 @@ class DecoderConfig:
       need(self.head_dim % 2 == 0, f"rope needs an even head dim, got d_model/n_heads="
            f"{self.head_dim}; change d_model or n_heads")
       need(self.rope_base > 1.0, f"rope_base must be > 1, got {self.rope_base}")
-    need(isinstance(self.tie_embeddings, bool),
-         f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+    for name in ("tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "head_bias"):
+      need(isinstance(getattr(self, name), bool),
+           f"{name} must be a bool, got {getattr(self, name)!r}")
+    need(isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1,
+         f"norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
     need(self.attention in ATTENTION_IMPLS,
          f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}")
 
@@ -112,7 +122,7 @@ class DecoderConfig:
     return _DTYPES[self.dtype]
 
   @classmethod
-  def from_dict(cls, d) -> "DecoderConfig":
+  def from_dict(cls, d) -> DecoderConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -120,16 +130,16 @@ class DecoderConfig:
     return cls(**dict(d))
 
 
-def _linear(cfg, din, dout, rngs, std=None):
+def _linear(cfg, din, dout, rngs, std=None, use_bias=True):
   return nnx.Linear(din, dout, rngs=rngs, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                    kernel_init=nnx.initializers.normal(std or cfg.init_std))
+                    kernel_init=nnx.initializers.normal(std or cfg.init_std), use_bias=use_bias)
 
 
 def _dense(layer, x):
   """`layer` applied to x (..., features) as a 2-D (N, features) matmul.
 
   On XLA:CPU a 3-D dot fused with its neighbours made the backward pass ~2x
-  slower (issue 7, benchmarks/); the reshapes are free.
+  slower (benchmarks/); the reshapes are free.
   """
   lead = x.shape[:-1]
   return layer(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
@@ -208,7 +218,7 @@ def attend(q, k, v, bias, has_key, head_mask=None):
     raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
   g = h // hkv
   # Scale q (B, Tq, H, D), not the (B, H, Tq, Tk) logits: one pass less over the
-  # largest tensor in forward and backward (issue 7: attention backward ~1.6x on CPU).
+  # largest tensor in forward and backward (attention backward ~1.6x on CPU).
   qg = (q.astype(jnp.float32) * (1.0 / math.sqrt(d))).reshape(b, tq, hkv, g, d)
   logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32))
   logits = logits.reshape(b, h, tq, tk) + bias
@@ -223,7 +233,7 @@ def attend(q, k, v, bias, has_key, head_mask=None):
 
 def attend_fused(q, k, v, structure: masks.AttentionStructure, has_key,
                  implementation: str = "xla"):
-  """`attend` through jax.nn.dot_product_attention (issue 7): same q, k, v layout
+  """`attend` through jax.nn.dot_product_attention: same q, k, v layout
   (grouped kv heads handled natively by the kernel), the mask given in structured
   form (`masks.attention_structure`), has_key (B, 1, Tq, 1) zeroing rows with no
   allowed key. Returns (B, Tq, H * D); no probabilities."""
@@ -240,9 +250,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.head_dim
-    self.qkv = _linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * d, rngs)
+    self.qkv = _linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * d, rngs,
+                       use_bias=cfg.qkv_bias)
     self.out = _linear(cfg, cfg.d_model, cfg.d_model, rngs,
-                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers), use_bias=cfg.out_bias)
 
   def project(self, x, positions):
     """(B, T, d_model) -> q (B, T, H, D), k and v (B, T, Hkv, D); with rope, q and k
@@ -261,7 +272,7 @@ class Attention(nnx.Module):
     if positions is None and self.cfg.pos_encoding == "rope":
       raise ValueError("rope attention needs the (B, T) positions array")
     q, k, v = self.project(x, positions)
-    if isinstance(bias, masks.AttentionStructure):  # fused kernel (issue 7)
+    if isinstance(bias, masks.AttentionStructure):  # fused kernel
       if head_mask is not None:
         raise ValueError("head_mask needs the attention probabilities; use "
                          "model.attention='einsum'")
@@ -273,8 +284,8 @@ class Attention(nnx.Module):
 
 def _norm(cfg: DecoderConfig, rngs):
   if cfg.norm == "rmsnorm":
-    return nnx.RMSNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype)
-  return nnx.LayerNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype)
+    return nnx.RMSNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype, epsilon=cfg.norm_eps)
+  return nnx.LayerNorm(cfg.d_model, rngs=rngs, dtype=cfg.compute_dtype, epsilon=cfg.norm_eps)
 
 
 class Block(nnx.Module):
@@ -285,9 +296,9 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.ln2 = _norm(cfg, rngs)
     width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff  # swiglu: [gate | up]
-    self.fc1 = _linear(cfg, cfg.d_model, width, rngs)
+    self.fc1 = _linear(cfg, cfg.d_model, width, rngs, use_bias=cfg.mlp_bias)
     self.fc2 = _linear(cfg, cfg.d_ff, cfg.d_model, rngs,
-                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+                       std=cfg.init_std / math.sqrt(2 * cfg.n_layers), use_bias=cfg.mlp_bias)
     self.drop = nnx.Dropout(cfg.dropout)
 
   def mlp(self, x):
@@ -321,7 +332,7 @@ class Decoder(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.ln_f = _norm(cfg, rngs)
     if not cfg.tie_embeddings:
-      self.head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
+      self.head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, use_bias=cfg.head_bias)
     self.drop = nnx.Dropout(cfg.dropout)
 
   def embed_inputs(self, inputs, positions):
@@ -363,10 +374,14 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
     fused = self.cfg.attention != "einsum" and not return_attention
+<<<<<<< HEAD
     if segment_ids is not None and self.cfg.attention not in HONOURS_SEGMENTS:
       raise ValueError(f"model.attention={self.cfg.attention!r} cannot apply segment ids; "
                        f"packed rows need one of {', '.join(HONOURS_SEGMENTS)}")
     if fused:  # the same mask in structured form (issue 7)
+=======
+    if fused:  # the same mask in structured form
+>>>>>>> main
       bias = masks.attention_structure(key_mask, segment_ids=segment_ids, causal=causal,
                                        keys_are_prefix=keys_are_prefix)
       if segment_ids is not None and bias.mask is None:  # never drop the segment mask

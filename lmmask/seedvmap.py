@@ -84,8 +84,12 @@ def _nan_results():
           for m in ("loss", "ppl", "accuracy")}
 
 
-def train_seed_group(configs, workdirs, log=print) -> list[dict]:
-  """Train `configs` (identical but for seed and optim.lr) together; write their workdirs."""
+def train_seed_group(configs, workdirs, log=print, final_extras=None) -> list[dict]:
+  """Train `configs` (identical but for seed and optim.lr) together; write their workdirs.
+
+  final_extras(config, state, data) -> dict, if given, adds keys to each run's
+  results from its own final state and DataSource (an experiment's generation-based
+  metrics, which the stacked state cannot compute)."""
   if len(configs) != len(workdirs) or not configs:
     raise ValueError("give one workdir per config (and at least one config)")
   for c in configs:
@@ -162,6 +166,8 @@ def train_seed_group(configs, workdirs, log=print) -> list[dict]:
            "train_seconds": elapsed / n, "split": c.data.split,
            "reduction": c.loss.reduction, "causal": bool(c.model.causal),
            "diverged": bool(diverged[i]), "runner": f"seedvmap x{n}"}
+    if final_extras is not None and not diverged[i]:
+      res.update(final_extras(c, unstack(stacked, i), sources[i]))
     wd.atomic_write_json(os.path.join(w, wd.RESULTS_FILE), res)
     out.append(res)
   return out

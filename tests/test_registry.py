@@ -4,7 +4,6 @@ datasets read back, and the DataSource fields every corpus fills."""
 import hashlib
 import json
 import os
-import shutil
 import warnings
 
 import numpy as np
@@ -43,21 +42,6 @@ def upgrade(cfg: dict) -> dict:
   return cfg
 
 
-@pytest.fixture(scope="module")
-def legacy(tmp_path_factory):
-  """A copy of the legacy fixtures with their absolute paths rewritten to the copy."""
-  root = str(tmp_path_factory.mktemp("legacy") / "legacy")
-  shutil.copytree(LEGACY, root)
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      if name.endswith(".json"):
-        p = os.path.join(dirpath, name)
-        with open(p) as f:
-          text = f.read()
-        if LEGACY_PREFIX in text:
-          with open(p, "w") as f:
-            f.write(text.replace(LEGACY_PREFIX, root))
-  return root
 
 
 def _json(path):

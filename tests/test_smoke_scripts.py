@@ -27,6 +27,7 @@ SCRIPTS = {
     "benchmarks/compare.py": '"median_ratio_padded"',
     "experiments/causal_break/run.py": "wrote ",
     "experiments/reductions/run.py": "# Ablation 1 results",
+    "experiments/tokens/run.py": "# Word vs character tokens",
     "benchmarks/torch_reference.py": '"impl": "torch-eager"',
     "experiments/length_bias/run.py": "# Ablation 2 results",
     "experiments/sft_loss_mask/run.py": "# SFT with and without the loss mask",

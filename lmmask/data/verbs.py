@@ -27,11 +27,21 @@ differ on purpose for some verbs (comer/eat is regular in Spanish only,
 querer/like in English only).  "like" is paired with ``querer`` because
 ``gustar`` does not take yo/tú/él as subject; ``querer`` conjugates naturally.
 
-Tokenization is whitespace-level with ``<pad>=0, <bos>=1, <eos>=2``; each
-sequence is ``[<bos>, spanish..., "/", english..., <eos>]``.  The vocabulary is
-closed over all forms and the 20 lexicon lines (``"trabajar / work"``), so no
-``<unk>`` exists.  Splits always hold out whole dimensions (verbs, a tense or a
-person); a random split is refused.
+Two tokenizations of the same lines (``tokens``), both with ``<pad>=0, <bos>=1,
+<eos>=2`` and each sequence ``[<bos>, spanish..., separator, english..., <eos>]``:
+
+* ``"word"``: whitespace tokens; the separator is ``"/"``.  A held-out verb's
+  conjugated forms ("miro") are then tokens that never occur in training, so
+  their embeddings stay at their initial values and the model cannot conjugate
+  a verb it never saw, whatever rule it learned.
+* ``"char"``: every character (the space included) is a token, and the
+  separator ``" / "`` stays one token so the Spanish/English boundary is as
+  explicit as at word level.  Held-out forms are then new strings over known
+  tokens, which is what makes rule learning measurable.
+
+The vocabulary is closed over all forms and the 20 lexicon lines
+(``"trabajar / work"``), so no ``<unk>`` exists.  Splits always hold out whole
+dimensions (verbs, a tense or a person); a random split is refused.
 """
 from __future__ import annotations
 
@@ -41,6 +51,8 @@ from typing import Iterable, Sequence
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SEP = "/"
+CHAR_SEP = f" {SEP} "  # at character level the separator with its spaces is one token
+TOKENIZATIONS = ("word", "char")
 TENSES = ("present", "past", "going_to", "future", "progressive")
 PERSONS = ("1", "2", "3")
 SPLIT_POLICIES = ("verbs", "tense", "person")
@@ -174,9 +186,44 @@ def english_form(verb: Verb, tense: str, person: str) -> str:
     return regular_english(verb.en_base, tense, person)
 
 
+def check_tokens(tokens: str, corpus: str = "verbs") -> None:
+    """Refuse a tokenization the corpus does not have, saying what to set instead."""
+    if tokens not in TOKENIZATIONS:
+        raise ValueError(f"config.data.tokens: unknown tokenization {tokens!r}; valid: "
+                         f"{', '.join(TOKENIZATIONS)}")
+    if tokens != "word" and corpus != "verbs":
+        raise ValueError(f"config.data.tokens={tokens!r} is the verbs corpus's character "
+                         f"tokenizer; corpus {corpus!r} brings its own tokenizer, so set "
+                         f"data.tokens='word' (or leave it out)")
+
+
+def char_units(text: str) -> list[str]:
+    """Character tokens of a line: every character, with ``" / "`` kept whole."""
+    parts = text.split(CHAR_SEP)
+    units = list(parts[0])
+    for part in parts[1:]:
+        units += [CHAR_SEP, *part]
+    return units
+
+
+def frame_match(completion: str, verb_base: str, tense: str, person: str) -> bool:
+    """True when `completion` is the reference English form with any word as the verb.
+
+    Separates the conjugation rule from the lexicon: "you will walk" for "you will
+    look" has the tense and person right and only the verb wrong.
+    """
+    verb = _BY_EN[verb_base]
+    ref = english_form(verb, tense, person).split()
+    slot = next(i for i, w in enumerate(ref) if w in (verb.en_base, verb.en_past))
+    out = completion.split()
+    return len(out) == len(ref) and all(a == b for i, (a, b) in enumerate(zip(out, ref))
+                                        if i != slot)
+
+
 @dataclasses.dataclass(frozen=True)
 class Vocab:
     tokens: tuple[str, ...]
+    kind: str = "word"  # one of TOKENIZATIONS: how text is cut into tokens
     _index: dict = dataclasses.field(init=False, repr=False, compare=False)
     pad_id: int = dataclasses.field(default=0, init=False)
     bos_id: int = dataclasses.field(default=1, init=False)
@@ -187,17 +234,24 @@ class Vocab:
             raise ValueError("vocab must start with <pad>, <bos>, <eos>")
         if len(set(self.tokens)) != len(self.tokens):
             raise ValueError("duplicate tokens in vocab")
+        check_tokens(self.kind)
         object.__setattr__(self, "tokens", tuple(self.tokens))
         object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> "Vocab":
-        words = {w for t in texts for w in t.split()} - {PAD, BOS, EOS}
-        return cls((PAD, BOS, EOS, *sorted(words)))
+    def from_texts(cls, texts: Iterable[str], kind: str = "word") -> Vocab:
+        check_tokens(kind)
+        split = str.split if kind == "word" else char_units
+        units = {u for t in texts for u in split(t)} - {PAD, BOS, EOS}
+        return cls((PAD, BOS, EOS, *sorted(units)), kind=kind)
+
+    @property
+    def sep(self) -> str:
+        return SEP if self.kind == "word" else CHAR_SEP
 
     @property
     def sep_id(self) -> int:
-        return self.id(SEP)
+        return self.id(self.sep)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -206,16 +260,37 @@ class Vocab:
         try:
             return self._index[token]
         except KeyError:
-            raise ValueError(f"unknown token {token!r} (not in vocabulary)") from None
+            raise ValueError(f"unknown token {token!r} (not in the {self.kind}-level "
+                             f"vocabulary)") from None
+
+    def units(self, text: str) -> list[str]:
+        """The token strings of `text` (no specials added)."""
+        return text.split() if self.kind == "word" else char_units(text)
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
-        ids = [self.id(w) for w in text.split()]
+        ids = [self.id(w) for w in self.units(text)]
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """``<bos>`` + `text`, for generation. A trailing ``"/"`` (as in "yo como /")
+        becomes the separator token, so one prompt works for both tokenizations."""
+        words = [w for w in text.split() if w != BOS]
+        if not words:
+            raise ValueError(f"prompt {text!r} is empty; give at least one word, e.g. "
+                             f"'yo como /'")
+        tail = [self.sep_id] if words[-1] == SEP else []
+        body = " ".join(words[:-1] if tail else words)
+        try:
+            ids = self.encode(body, add_bos=False, add_eos=False) if body else []
+        except ValueError as e:
+            raise ValueError(f"prompt {text!r}: {e}; use words (word tokens) or letters "
+                             f"(char tokens) of the verbs corpus") from None
+        return [self.bos_id] + ids + tail
 
     def decode(self, ids: Sequence[int], strip_special: bool = True) -> str:
         special = {self.pad_id, self.bos_id, self.eos_id}
-        return " ".join(self.tokens[int(i)] for i in ids
-                        if not (strip_special and int(i) in special))
+        return (" " if self.kind == "word" else "").join(
+            self.tokens[int(i)] for i in ids if not (strip_special and int(i) in special))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,10 +323,10 @@ def _lexicon_rows() -> list[tuple[str, Verb]]:
 
 
 @functools.lru_cache(maxsize=None)
-def build_vocab() -> Vocab:
+def build_vocab(tokens: str = "word") -> Vocab:
     """Vocabulary closed over every form and lexicon line (sorted, deterministic)."""
     texts = [r[0] for r in _form_rows()] + [r[0] for r in _lexicon_rows()]
-    return Vocab.from_texts(texts + [SEP])
+    return Vocab.from_texts(texts + ([SEP] if tokens == "word" else []), kind=tokens)
 
 
 def _example(vocab: Vocab, text: str, verb: Verb, tense: str | None,
@@ -262,28 +337,31 @@ def _example(vocab: Vocab, text: str, verb: Verb, tense: str | None,
                    english_start=ids.index(vocab.sep_id) + 1)
 
 
-def all_forms() -> list[Example]:
+def all_forms(tokens: str = "word") -> list[Example]:
     """The 300 conjugated forms, ordered verb-major, then tense, then person."""
-    vocab = build_vocab()
+    vocab = build_vocab(tokens)
     return [_example(vocab, text, v, t, p, "form") for text, v, t, p in _form_rows()]
 
 
-def lexicon() -> list[Example]:
+def lexicon(tokens: str = "word") -> list[Example]:
     """One infinitive pair per verb, e.g. ``"trabajar / work"``."""
-    vocab = build_vocab()
+    vocab = build_vocab(tokens)
     return [_example(vocab, text, v, None, None, "lexicon") for text, v in _lexicon_rows()]
 
 
 def build_corpus(split: str = "verbs", *, include_lexicon: bool = True,
                  held_out_verbs: Sequence[str] = HELD_OUT_VERBS,
-                 held_out_tense: str = "future", held_out_person: str = "2") -> VerbCorpus:
+                 held_out_tense: str = "future", held_out_person: str = "2",
+                 tokens: str = "word") -> VerbCorpus:
     """Split the 300 forms by holding out an entire dimension.
 
     ``verbs``: hold out ``held_out_verbs`` (English bases); ``tense``: hold out
     ``held_out_tense``; ``person``: hold out ``held_out_person``.  With
     ``include_lexicon`` the 20 lexicon lines (all verbs, held-out ones too) are
-    appended to train; val never contains lexicon lines.
+    appended to train; val never contains lexicon lines.  ``tokens`` ("word" or
+    "char") picks the tokenization; the split is the same lines either way.
     """
+    check_tokens(tokens)
     if not isinstance(split, str):
         raise ValueError(f"split must be a string, one of {SPLIT_POLICIES}")
     if "random" in split.lower():
@@ -294,7 +372,7 @@ def build_corpus(split: str = "verbs", *, include_lexicon: bool = True,
             f"Hold out a whole dimension instead; allowed policies: {SPLIT_POLICIES}")
     if split not in SPLIT_POLICIES:
         raise ValueError(f"unknown split {split!r}; valid policies: {SPLIT_POLICIES}")
-    forms = all_forms()
+    forms = all_forms(tokens)
     if split == "verbs":
         held = tuple(held_out_verbs)
         unknown = [h for h in held if h not in _BY_EN]
@@ -311,5 +389,26 @@ def build_corpus(split: str = "verbs", *, include_lexicon: bool = True,
     train = [e for e in forms if not is_val(e)]
     val = [e for e in forms if is_val(e)]
     if include_lexicon:
-        train += lexicon()
-    return VerbCorpus(vocab=build_vocab(), train=tuple(train), val=tuple(val), split=split)
+        train += lexicon(tokens)
+    return VerbCorpus(vocab=build_vocab(tokens), train=tuple(train), val=tuple(val),
+                      split=split)
+
+
+def fit_lengths(tokens: str) -> dict:
+    """The smallest sizes that fit every line of the corpus at this tokenization.
+
+    ``data.length``: the longest sequence, ``<bos>`` and ``<eos>`` included.
+    ``eval.max_new_tokens``: the longest reply (either side, so both exact-match
+    directions fit) plus ``<eos>``; a budget shorter than that scores the longest
+    references wrong before the model is asked anything.
+    ``model.max_len``: positions for the model input (``data.length - 1``) and
+    for the longest prompt (``<bos>`` side separator) plus that budget.
+    """
+    vocab = build_vocab(tokens)
+    rows = [r[0] for r in _form_rows()] + [r[0] for r in _lexicon_rows()]
+    sides = [r.split(CHAR_SEP) for r in rows]
+    length = max(len(vocab.encode(r)) for r in rows)
+    reply = max(len(vocab.units(side)) for pair in sides for side in pair) + 1
+    prompt = max(len(vocab.units(side)) for pair in sides for side in pair) + 2
+    return {"data.length": length, "eval.max_new_tokens": reply,
+            "model.max_len": max(length - 1, prompt + reply - 1)}

@@ -13,8 +13,9 @@ from lmmask.data.source import DataSource
 
 
 class VocabTokenizer:
-  """The verbs word vocabulary behind the tokenizer interface every corpus offers:
-  text is split on whitespace and every word must be in the vocabulary."""
+  """The verbs vocabulary behind the tokenizer interface every corpus offers: text is
+  split on whitespace (word tokens) or into characters (char tokens), and every
+  token must be in the vocabulary."""
 
   def __init__(self, vocab: verbs.Vocab):
     self.vocab = vocab
@@ -22,7 +23,14 @@ class VocabTokenizer:
     self.vocab_size = len(vocab)
 
   def encode(self, text: str) -> list[int]:
-    """Ids of the words of `text` (no <bos>/<eos>)."""
+    """Ids of the tokens of `text` (no <bos>/<eos>). A trailing "/" (a prompt such as
+    "yo como /") is the separator token at either tokenization."""
+    if self.vocab.kind != "word":
+      try:
+        return self.vocab.encode_prompt(text)[1:]
+      except ValueError as e:
+        raise ValueError(f"{e}; the corpus is closed (write forms as the corpus does, "
+                         f"e.g. 'yo trabajo / I work')") from None
     words = text.split()
     unknown = sorted({w for w in words if w not in self.vocab.tokens})
     if unknown:
@@ -41,7 +49,9 @@ def splits(config):
   if d.split not in verbs.SPLIT_POLICIES and "random" not in str(d.split):
     raise ValueError(f"config.data.split: unknown split {d.split!r}; valid: "
                      f"{', '.join(verbs.SPLIT_POLICIES)}")
-  corpus = verbs.build_corpus(d.split, include_lexicon=d.include_lexicon)
+  # .get: a config dict saved before data.tokens existed meant word tokens
+  corpus = verbs.build_corpus(d.split, include_lexicon=d.include_lexicon,
+                              tokens=d.get("tokens", "word"))
   kw = dict(length=d.length, pad_id=corpus.vocab.pad_id, pad_side=d.pad_side)
   return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
 
@@ -78,8 +88,12 @@ def source(config, workdir: str | None = None) -> DataSource:
   del workdir
   corpus, train_split, val_split = splits(config)
   pad_id = corpus.vocab.pad_id
-  # Exactly what model.json has always recorded for this corpus.
+  # Exactly what model.json has always recorded for this corpus; character tokens
+  # say so, so a word-token base run is never fine-tuned with character ids.
   identity = {"kind": type(corpus).__name__, "tokenizer_sha256": None}
+  tokens = config.data.get("tokens", "word")
+  if tokens != "word":
+    identity["tokens"] = tokens
   return DataSource(
       name="verbs", vocab_size=len(corpus.vocab), pad_id=pad_id,
       train_batch=lambda step, rows=None: train_batch(config, train_split, step, pad_id, rows),
