@@ -17,12 +17,8 @@ import os
 from ml_collections import ConfigDict, config_dict
 
 from lmmask import losses, optim
-<<<<<<< HEAD
-from lmmask.model import HONOURS_SEGMENTS, DecoderConfig
-=======
 from lmmask.data import verbs
-from lmmask.model import DecoderConfig
->>>>>>> main
+from lmmask.model import HONOURS_SEGMENTS, DecoderConfig
 
 CORPORA = ("verbs", "text", "shards")  # data.corpus values (lmmask/data/registry.py)
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite

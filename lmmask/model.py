@@ -374,14 +374,10 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
     fused = self.cfg.attention != "einsum" and not return_attention
-<<<<<<< HEAD
     if segment_ids is not None and self.cfg.attention not in HONOURS_SEGMENTS:
       raise ValueError(f"model.attention={self.cfg.attention!r} cannot apply segment ids; "
                        f"packed rows need one of {', '.join(HONOURS_SEGMENTS)}")
-    if fused:  # the same mask in structured form (issue 7)
-=======
     if fused:  # the same mask in structured form
->>>>>>> main
       bias = masks.attention_structure(key_mask, segment_ids=segment_ids, causal=causal,
                                        keys_are_prefix=keys_are_prefix)
       if segment_ids is not None and bias.mask is None:  # never drop the segment mask
