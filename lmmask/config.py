@@ -178,31 +178,25 @@ def defaults() -> ConfigDict:
   c.mesh = ConfigDict()
   c.mesh.data = -1                      # data-parallel ways; -1 = all remaining devices
   c.mesh.fsdp = 1                       # parameter-sharding ways; -1 = all remaining devices
-  # CPU only: split the host into this many XLA:CPU devices (jax_num_cpu_devices, set by
-  # launch.py before JAX starts), so mesh.data=-1 trains data parallel on that many cores:
-  # XLA:CPU runs most fused elementwise kernels on one thread, so one device uses one core.
-  # 0 = auto (parallel.resolve_cpu_devices): the count XLA_FLAGS forces
-  # (--xla_force_host_platform_device_count) if set, 1 under distributed.mode != off (one
-  # process per host or per device), else every core when the train and eval batches
-  # divide, else 1. The resolved count is logged and recorded in config.json; a resume
-  # with 0 uses the recorded count. 1 = off; ignored on GPU/TPU.
+  # CPU only: this many XLA:CPU devices (jax_num_cpu_devices, set by launch.py before JAX
+  # starts), so mesh.data=-1 trains data parallel, one core per device (XLA:CPU runs most
+  # fused kernels on one thread). 0 = auto (parallel.resolve_cpu_devices): the count XLA_FLAGS
+  # forces, else 1 when distributed.mode != off, else every core if the train and eval
+  # batches divide, else 1; logged and recorded in config.json (a resume reuses it).
+  # 1 = off; ignored on GPU/TPU.
   c.mesh.cpu_devices = 0
 
-  # Multi-host (one process per host; docs/scaling.md).
+  # Multi-host (one process per host) and launch.py --processes (docs/scaling.md).
   c.distributed = ConfigDict()
   c.distributed.mode = "off"            # off | auto (TPU pods, SLURM, MPI) | manual
   c.distributed.coordinator_address = config_dict.placeholder(str)  # manual: "host:port"
   c.distributed.num_processes = config_dict.placeholder(int)        # manual: process count
   c.distributed.process_id = config_dict.placeholder(int)           # manual: this process
-  # A process that stops answering is declared dead after this long and every other
-  # process then exits with an error instead of hanging in a collective (JAX: 100 s).
-  c.distributed.heartbeat_timeout_s = 100
-  # How long a finishing process waits for the others at shutdown (JAX: 300 s).
-  c.distributed.shutdown_timeout_s = 300
-  # The longest wait at one of lmmask's own barriers (the other processes wait there
-  # while process 0 claims the workdir, builds the text tokenizer and shards, or
-  # prunes checkpoints); past it a process exits with an error naming the barrier.
-  c.distributed.barrier_timeout_s = 1800
+  c.distributed.heartbeat_timeout_s = 100  # a silent process is declared dead after this and
+                                           # the others exit with an error (JAX: 100 s)
+  c.distributed.shutdown_timeout_s = 300   # wait for the others at shutdown (JAX: 300 s)
+  c.distributed.barrier_timeout_s = 1800   # longest wait at lmmask's barriers (the others
+                                           # wait while process 0 builds the workdir's files)
   return c
 
 
@@ -437,13 +431,10 @@ def validate(config) -> None:
        f"must be one of {', '.join(DIRECTIONS)}, got {config.eval.direction!r}")
   need(config.eval.floor_tolerance >= 0, "eval.floor_tolerance",
        f"must be >= 0, got {config.eval.floor_tolerance}")
-  cpu = config.mesh.cpu_devices
-  need(_is_int(cpu) and cpu >= 0, "mesh.cpu_devices", f"must be an int >= 0 (0 = auto, "
-       f"1 = off), got {cpu!r}")
-  dist = config.distributed
+  cpu, dist = config.mesh.cpu_devices, config.distributed
+  need(_is_int(cpu) and cpu >= 0, "mesh.cpu_devices", f"must be an int >= 0 (0 = auto, 1 = off), got {cpu!r}")
   for f in ("heartbeat_timeout_s", "shutdown_timeout_s", "barrier_timeout_s"):
-    need(_is_int(dist[f]) and dist[f] > 0, f"distributed.{f}",
-         f"must be a positive int (seconds), got {dist[f]!r}")
+    need(_is_int(dist[f]) and dist[f] > 0, f"distributed.{f}", f"must be a positive int (seconds), got {dist[f]!r}")
 
 
 def decoder_config(config, vocab_size: int) -> DecoderConfig:
