@@ -90,9 +90,11 @@ def _with_cpu_devices(config):
 
 
 def _open_workdir(config, workdir: str, cfg_dict: dict, writer: bool):
-  """Claim the workdir, load the data and (process 0, new workdir) write config.json.
-  Returns (data, base_cfg). Process 0 runs it first, creating the files
-  (tokenizer, shards, config.json); the others then run it to verify and read them."""
+  """Claim the workdir, load the data, build the train state, eval sets and floor
+  monitor, and (process 0, new workdir) only then write config.json, so an input
+  that fails any of these leaves the workdir untouched. Process 0 runs it first,
+  creating the files (tokenizer, shards, config.json); the others then run it to
+  verify and read them. Returns (data, base_cfg, state, eval_sets, floor_monitor)."""
   wd.check_writable(workdir)
   is_new = wd.claim(workdir, cfg_dict) if os.path.isdir(workdir) else True
   if config.train.resume == "require" and not ckpt.committed_steps(workdir):
@@ -104,11 +106,15 @@ def _open_workdir(config, workdir: str, cfg_dict: dict, writer: bool):
   base_cfg = None
   if config.train.init_from:  # checked before anything is written into the workdir
     base_cfg = wd.check_init_from(config, workdir, data)
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
+                                      vocab_size=data.vocab_size)
+  eval_sets = data.eval_sets()
+  floor_monitor = floor_lib.FloorMonitor(config, data, workdir)
   if writer:
     os.makedirs(workdir, exist_ok=True)
     if is_new:
       wd.atomic_write_json(os.path.join(workdir, wd.CONFIG_FILE), cfg_dict)
-  return data, base_cfg
+  return data, base_cfg, state, eval_sets, floor_monitor
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -124,13 +130,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.data.batch_size, mesh, config.optim.grad_accum_steps)
   if writer:
-    data, base_cfg = _open_workdir(config, workdir, cfg_dict, writer)
+    data, base_cfg, state, eval_sets, floor_monitor = _open_workdir(config, workdir, cfg_dict,
+                                                                    writer)
   parallel.barrier("workdir_ready", timeout)  # the others wait for process 0's files
   if not writer:
-    data, base_cfg = _open_workdir(config, workdir, cfg_dict, writer)
+    data, base_cfg, state, eval_sets, floor_monitor = _open_workdir(config, workdir, cfg_dict,
+                                                                    writer)
   init_from = config.train.init_from
-  state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                      vocab_size=data.vocab_size)
   # Params and optimizer state laid out on the mesh (restores keep it).
   state = parallel.shard_state(state, mesh)
   rows = parallel.process_rows(parallel.batch_sharding(mesh), config.data.batch_size)
@@ -138,8 +144,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"lmmask: process {jax.process_index()} of {jax.process_count()} builds rows "
           f"[{rows[0]}, {rows[1]}) of each batch of {config.data.batch_size} on its "
           f"{jax.local_device_count()} device(s) (mesh {dict(mesh.shape)})", flush=True)
-  eval_sets = data.eval_sets()
-  floor_monitor = floor_lib.FloorMonitor(config, data, workdir)
 
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints,
                       barrier_timeout_s=timeout)
