@@ -7,6 +7,7 @@ by a zero time budget, nothing GPU-specific imported).
 import json
 import os
 import subprocess
+import sys
 
 from conftest import REPO
 
@@ -24,7 +25,7 @@ def test_gpu_script_prints_json_when_python_fails():
 
 
 def test_gpu_script_dry_run_on_cpu():
-  out = _gpu_sh("--dry-run", "budget_s=0")
+  out = _gpu_sh("--dry-run", "budget_s=0", PYTHON=sys.executable)  # this venv's Python
   assert out["dry_run"] is True and out["backend"] == "cpu"
   assert set(out["parts"]) == {"cudnn_vs_einsum", "bf16", "speed_gpt100m", "speed_smollm135m"}
   assert all("skipped" in p for p in out["parts"].values())
