@@ -11,15 +11,17 @@
   python launch.py --mode=import --source=HF_DIR_OR.gguf --workdir=DIR   # docs/interop.md
   python launch.py --mode=generate --workdir=DIR --chat --prompt="Hi" --max_new_tokens=64
   python launch.py --mode=export --workdir=DIR --out=HF_DIR [--export_dtype=bfloat16]
+  python launch.py --processes=2 --config=configs/verbs.py --workdir=DIR   # 2 local processes
 """
 import json
+import os
 import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-from lmmask import audit, evaluation, interop, sweep, train
+from lmmask import audit, cluster, evaluation, interop, multiprocess, parallel, sweep, train
 from lmmask import workdir as workdir_lib
 from lmmask.data import prepare
 
@@ -38,6 +40,15 @@ _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "sweep: print one launch command per point instead of running.")
+_CLUSTER = flags.DEFINE_string(
+    "cluster", "", "sweep: submit one job per point through submitit: slurm | local (local "
+    "processes in parallel) | auto; empty = run the points one after another here.")
+_WAIT = flags.DEFINE_bool("wait", True, "sweep --cluster: wait for the jobs, report each "
+                          "point and aggregate (else submit and return; --mode=aggregate later).")
+_PROCESSES = flags.DEFINE_integer(
+    "processes", 1, "Run N local processes of one multi-process run (train, eval): each is "
+    "this command with distributed.mode=manual on a free port; on CPU each gets its own "
+    "XLA:CPU devices (mesh.cpu_devices each, 0 = the cores shared out).")
 # Generation flags (--mode=generate; --temperature and --sample_seed also in eval).
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeatable), e.g. "
                                     "'yo como /'; <bos> is added.")
@@ -95,14 +106,40 @@ def _parse_flags(argv):
   sys.exit(1)
 
 
-def _set_cpu_devices(config):
-  """config.mesh.cpu_devices > 1: that many XLA:CPU devices (before JAX touches one)."""
-  n = config.mesh.cpu_devices if config is not None else 1
-  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-    raise app.UsageError(f"mesh.cpu_devices must be a positive int (1 = off), got {n!r}")
-  if n > 1:
-    import jax
-    jax.config.update("jax_num_cpu_devices", n)
+def _recorded_cpu_devices():
+  """mesh.cpu_devices in the workdir's config.json (a resume keeps its count), if any."""
+  path = os.path.join(_WORKDIR.value or "", workdir_lib.CONFIG_FILE)
+  if _MODE.value != "train" or not _WORKDIR.value or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return ((json.load(f).get("mesh") or {}).get("cpu_devices")) or None
+
+
+def _set_cpu_devices(config, recorded=None):
+  """XLA:CPU devices for config.mesh.cpu_devices (0 = auto), set before JAX touches a
+  device; the resolved count is written back into the config (config.json keeps it)."""
+  if config is None:
+    return
+  n = config.mesh.cpu_devices
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise app.UsageError(f"mesh.cpu_devices must be an int >= 0 (0 = auto, 1 = off), "
+                         f"got {n!r}")
+  n, why = parallel.resolve_cpu_devices(config, recorded)
+  try:
+    parallel.apply_cpu_devices(n)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  config.mesh.cpu_devices = n
+  print(f"lmmask: mesh.cpu_devices={n} ({why})", file=sys.stderr, flush=True)
+
+
+def _join_launcher():
+  """A child of --processes in a mode that reads a saved config (eval, generate, audit):
+  the launcher's environment says how to join the run."""
+  if "LMMASK_NUM_PROCESSES" in os.environ and _MODE.value != "train":
+    parallel.initialize_distributed(ConfigDict({
+        "mode": "manual", "coordinator_address": None, "num_processes": None,
+        "process_id": None}))
 
 
 def _need_config(mode):
@@ -142,6 +179,8 @@ def mode_train():
   # line is kept, so that check_init_from refuses it by name when it differs.
   config = workdir_lib.inherit_architecture(config, _model_overrides(sys.argv[1:]))
   results = train.train_and_evaluate(config, _WORKDIR.value)
+  if not parallel.is_writer():  # one copy of the results (process 0's)
+    return
   _print_metrics(f"results ({_WORKDIR.value}/results.json):", results)
   print(f"val PPL {results['val_ppl']:.2f} (train PPL {results['train_ppl']:.2f})")
 
@@ -150,6 +189,8 @@ def mode_eval():
   results = evaluation.evaluate_checkpoint(
       _WORKDIR.value, _STEP.value, _WHICH.value, config=_data_config(), extras=True,
       temperature=_TEMPERATURE.value, sample_seed=_SAMPLE_SEED.value)
+  if not parallel.is_writer():
+    return
   _print_metrics(f"eval of {_WHICH.value} checkpoint in {_WORKDIR.value}:", results)
   print(evaluation.format_report(results))
   print(f"val PPL {results['val_ppl']:.4f} (val loss {results['val_loss']:.4f})")
@@ -160,6 +201,16 @@ def mode_sweep():
   sweep_cfg = _need_config("sweep")
   if _DRY_RUN.value:
     print("\n".join(sweep.commands(sweep_cfg, _WORKDIR.value, f"python {sys.argv[0]}")))
+    return
+  if _CLUSTER.value:
+    try:
+      rows = cluster.submit(sweep_cfg, _WORKDIR.value, _CLUSTER.value, wait=_WAIT.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    if _WAIT.value:
+      _sweep_summary(rows)
+      if any(r["status"] == "failed" for r in rows):
+        sys.exit(1)
     return
   _sweep_summary(sweep.run(sweep_cfg, _WORKDIR.value))
 
@@ -228,8 +279,21 @@ def main(argv):
   if _MODE.value not in NO_WORKDIR and not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _PROCESSES.value != 1:
+    if _MODE.value not in ("train", "eval", "generate", "audit"):
+      raise app.UsageError(f"--processes applies to train, eval, generate and audit, not "
+                           f"--mode={_MODE.value}")
+    cpu = _CONFIG.value.mesh.cpu_devices if _CONFIG.value is not None else 0
+    try:
+      rc = multiprocess.run(sys.argv[0], sys.argv[1:], _PROCESSES.value,
+                            train=_MODE.value == "train", cpu_devices=cpu,
+                            workdir=_WORKDIR.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    sys.exit(rc)
   if _MODE.value in ("train", "audit"):
-    _set_cpu_devices(_CONFIG.value)
+    _set_cpu_devices(_CONFIG.value, _recorded_cpu_devices())
+  _join_launcher()
   MODES[_MODE.value]()
 
 

@@ -2,7 +2,8 @@
 
   python benchmarks/compare.py                          # default config, 3 rounds
   python benchmarks/compare.py configs=small rounds=3 steps=8 gelu_approximate=1
-  python benchmarks/compare.py cpu_devices=2   # lmmask data parallel over 2 XLA:CPU devices
+  python benchmarks/compare.py cpu_devices=1   # lmmask on one XLA:CPU device (default 0:
+                                               # every core, as lmmask's mesh.cpu_devices)
   python benchmarks/compare.py tiny            # smoke run: tiny config, 1 round of 2 steps
 
 Each round runs, one after another on the same cores: lmmask on padded batches,
@@ -27,8 +28,9 @@ import torch_reference  # noqa: E402
 def main(argv=None):
   o = throughput.parse_kv(sys.argv[1:] if argv is None else argv,
                           dict(configs="default", rounds=3, steps=8, gelu_approximate=False,
-                               cpu_devices=1))  # see throughput.set_cpu_devices
-  throughput.set_cpu_devices(o["cpu_devices"])
+                               cpu_devices=0))  # see throughput.set_cpu_devices
+  throughput.set_cpu_devices(o["cpu_devices"],
+                             min(throughput.CONFIGS[n]["batch"] for n in o["configs"].split(",")))
   for name in o["configs"].split(","):
     spec = throughput.CONFIGS[name]
     padded = throughput.padded_batches(spec)

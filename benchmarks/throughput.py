@@ -48,7 +48,14 @@ CONFIGS = {
     # ~100M parameters (85M in blocks, 13M embeddings + head) for an accelerator.
     "gpt100m": dict(vocab=8192, d_model=768, n_layers=12, n_heads=12, d_ff=3072, seq=1024,
                     batch=16, min_len=256, max_len=1024, dtype="bfloat16", attention="cudnn"),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json): GQA 9/3 heads, RoPE,
+    # RMSNorm, SwiGLU, tied embeddings, 49152-token vocabulary.
+    "smollm135m": dict(vocab=49152, d_model=576, n_layers=30, n_heads=9, d_ff=1536, seq=2048,
+                       batch=8, min_len=512, max_len=2048, dtype="bfloat16", attention="cudnn",
+                       n_kv_heads=3, pos_encoding="rope", norm="rmsnorm", mlp="swiglu",
+                       tie_embeddings=True),
 }
+ARCH_KEYS = ("n_kv_heads", "pos_encoding", "norm", "mlp", "tie_embeddings")  # optional spec keys
 
 
 def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=False,
@@ -62,6 +69,9 @@ def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=Fa
   m.dtype = dtype or spec["dtype"]
   m.attention = attention or spec["attention"]
   m.gelu_approximate, m.remat, m.scan_layers = gelu_approximate, remat, scan_layers
+  for key in ARCH_KEYS:
+    if key in spec:
+      m[key] = spec[key]
   c.data.length = spec["seq"] + 1
   c.data.batch_size = spec["batch"]
   c.optim.grad_accum_steps = grad_accum_steps
@@ -69,11 +79,15 @@ def lm_config(spec: dict, *, gelu_approximate=False, remat=False, scan_layers=Fa
   return c
 
 
-def set_cpu_devices(n: int):
+def set_cpu_devices(n: int, batch: int | None = None):
   """Split the host into n XLA:CPU devices (jax_num_cpu_devices); JaxRunner then splits the
   batch over them (data parallel, same maths). XLA:CPU runs most fused elementwise kernels
   on one thread, so on a multi-core CPU n > 1 is how one step uses the other cores.
-  Must run before JAX first touches a device."""
+  n=0 (the default, as lmmask's mesh.cpu_devices): every core when `batch` divides over
+  them, else 1. Must run before JAX first touches a device."""
+  if n == 0:
+    cores = len(os.sched_getaffinity(0))
+    n = cores if batch is None or batch % cores == 0 else 1
   if n != 1:
     jax.config.update("jax_num_cpu_devices", n)
 
@@ -146,7 +160,8 @@ class JaxRunner:
       self.batches = [jax.device_put(b, parallel.batch_sharding(self.mesh)) for b in batches]
     model = self.state.model()
     self.n_params = count_params(model)
-    self.n_embed = model.embed.embedding[...].size + model.pos_embed.embedding[...].size
+    pos = getattr(model, "pos_embed", None)  # rope models have no position table
+    self.n_embed = model.embed.embedding[...].size + (pos.embedding[...].size if pos else 0)
     t = time.perf_counter()
     if self.mesh is None:
       jitted = jax.jit(step_lib.train_step, donate_argnums=0)
@@ -201,7 +216,8 @@ def report(name, spec, runner, times, steps, packing, peak):
   }
 
 
-TINY_ARGS = ("configs=tiny", "steps=2", "rounds=1")  # what the single word `tiny` stands for
+# What the single word `tiny` stands for (one device: the smoke path compiles least).
+TINY_ARGS = ("configs=tiny", "steps=2", "rounds=1", "cpu_devices=1")
 
 
 def parse_kv(argv, defaults: dict) -> dict:
@@ -225,12 +241,12 @@ def parse_kv(argv, defaults: dict) -> dict:
 
 OPTIONS = dict(configs="default,small", steps=10, packing=False, gelu_approximate=False,
                attention=None, dtype=None, remat=False, scan_layers=False,
-               cpu_devices=1)  # >1: data parallel over that many XLA:CPU devices
+               cpu_devices=0)  # >1: data parallel over that many XLA:CPU devices; 0 = auto
 
 
 def main(argv=None):
   o = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
-  set_cpu_devices(o["cpu_devices"])
+  set_cpu_devices(o["cpu_devices"], min(CONFIGS[n]["batch"] for n in o["configs"].split(",")))
   for name in o["configs"].split(","):
     spec = CONFIGS[name]
     batches = packed_batches(spec) if o["packing"] else padded_batches(spec)

@@ -30,6 +30,11 @@ class Batch:
   def shape(self):
     return self.inputs.shape
 
+  def take_rows(self, lo: int, hi: int) -> "Batch":
+    """Rows [lo, hi) of every field."""
+    return Batch(*(getattr(self, f)[lo:hi] for f in ("inputs", "targets", "loss_mask",
+                                                      "key_mask", "positions", "segment_ids")))
+
 
 def _check_ids(ids, pad_id, vocab_size):
   if not isinstance(ids, np.ndarray):

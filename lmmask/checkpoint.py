@@ -4,6 +4,10 @@ Checkpoint safety (docs/failures.md):
   * orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when
     complete, so an interrupted save never becomes a step; leftovers are removed
     when a training run opens the directory, and after a failed save.
+  * with several processes (multi-host) orbax writes from all of them and renames
+    on process 0; every removal or rename of lmmask's own (leftovers, pruning,
+    quarantine) is done by process 0 alone, between barriers, so no two processes
+    ever delete or rename the same path.
   * keep-last-N is done here, not by orbax: older steps are deleted only after
     a newer save has finished without error (orbax picks the steps to delete when
     a save starts and drops them from its step list even if that save fails).
@@ -21,6 +25,8 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+
+from lmmask import parallel
 
 CKPT_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -49,7 +55,12 @@ def committed_steps(workdir: str, sub: str = CKPT_DIR) -> list[int]:
                 if n.isdigit() and os.path.isdir(os.path.join(d, n)))
 
 
-def manager(workdir: str, sub: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
+def _primary() -> bool:
+  return jax.process_index() == 0
+
+
+def manager(workdir: str, sub: str, keep: int, create: bool = True,
+            barrier_timeout_s: int = 1800) -> ocp.CheckpointManager:
   """An orbax manager for `workdir/sub` that keeps the newest `keep` complete steps.
 
   create=True (training) creates the directory and removes leftover temporary
@@ -57,13 +68,19 @@ def manager(workdir: str, sub: str, keep: int, create: bool = True) -> ocp.Check
   """
   directory = os.path.abspath(os.path.join(workdir, sub))
   if create:
-    _remove_tmp_dirs(directory)  # saves cut short by a crash (orbax would also do it, later)
-  opts = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
-                                      cleanup_tmp_directories=create)
+    if _primary():
+      _remove_tmp_dirs(directory)  # saves cut short by a crash (orbax would also, later)
+    parallel.barrier(f"ckpt_open_{sub}", barrier_timeout_s)
+  # orbax names its cross-process barriers after the step; the latest and the best
+  # managers may save the same step at once, so each gets its own barrier prefix.
+  opts = ocp.CheckpointManagerOptions(
+      max_to_keep=None, create=create, cleanup_tmp_directories=create,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=sub))
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   mngr = ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
   mngr.lmmask_keep = keep        # pruned by `finish`, only after a newer save completed
   mngr.lmmask_pending = None     # step of the save in flight, for error messages
+  mngr.lmmask_barrier_timeout = barrier_timeout_s
   return mngr
 
 
@@ -89,7 +106,8 @@ def _drain(mngr, timeout: float = 120.0):
 def _save_failed(mngr, step, err: BaseException):
   mngr.lmmask_pending = None
   _drain(mngr)
-  _remove_tmp_dirs(mngr.directory)
+  if _primary():
+    _remove_tmp_dirs(mngr.directory)
   mngr.reload()
   done = sorted(mngr.all_steps())
   kept = (f"the previous checkpoint (step {done[-1]}) is intact and a rerun resumes from it"
@@ -106,8 +124,14 @@ def prune(mngr):
   keep = getattr(mngr, "lmmask_keep", None)
   if not keep:
     return
-  mngr.reload()
-  old = sorted(mngr.all_steps())[:-keep]
+  timeout = getattr(mngr, "lmmask_barrier_timeout", 1800)
+  many = jax.process_count() > 1
+  if many:  # every process has finished writing (and process 0 renamed) the last save
+    parallel.barrier("ckpt_saved", timeout)
+  old = []
+  if _primary():  # the others must not even list the directory while process 0 deletes
+    mngr.reload()
+    old = sorted(mngr.all_steps())[:-keep]
   for step in old:
     # Rename first: a crash during the removal leaves a temporary directory (ignored,
     # and removed by the next run), never a half-deleted step that looks complete.
@@ -116,7 +140,9 @@ def prune(mngr):
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
     shutil.rmtree(doomed)
-  if old:
+  if many:
+    parallel.barrier("ckpt_pruned", timeout)
+  if old or many:
     mngr.reload()
 
 
@@ -241,7 +267,7 @@ def restore(mngr: ocp.CheckpointManager, step: int | None, target, *,
       # (a systemic error that fails every step moves nothing).
       for bad, _ in damaged:
         where = ""
-        if quarantine is not None:
+        if quarantine is not None and _primary():
           where = f"; moved it to {_quarantine(mngr.directory, bad, quarantine)}"
         print(f"lmmask: skipped damaged checkpoint step {bad}{where}", file=sys.stderr,
               flush=True)

@@ -18,7 +18,7 @@ from ml_collections import ConfigDict, config_dict
 
 from lmmask import losses, optim
 from lmmask.data import verbs
-from lmmask.model import DecoderConfig
+from lmmask.model import HONOURS_SEGMENTS, DecoderConfig
 
 CORPORA = ("verbs", "text", "shards", "pretrained")  # data.corpus values (lmmask/data/registry.py)
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite
@@ -180,17 +180,25 @@ def defaults() -> ConfigDict:
   c.mesh = ConfigDict()
   c.mesh.data = -1                      # data-parallel ways; -1 = all remaining devices
   c.mesh.fsdp = 1                       # parameter-sharding ways; -1 = all remaining devices
-  # CPU only: split the host into this many XLA:CPU devices (jax_num_cpu_devices, set by
-  # launch.py before JAX starts), so mesh.data=-1 trains data parallel on that many cores.
-  # XLA:CPU runs most fused elementwise kernels on one thread. 1 = off; ignored on GPU/TPU.
-  c.mesh.cpu_devices = 1
+  # CPU only: this many XLA:CPU devices (jax_num_cpu_devices, set by launch.py before JAX
+  # starts), so mesh.data=-1 trains data parallel, one core per device (XLA:CPU runs most
+  # fused kernels on one thread). 0 = auto (parallel.resolve_cpu_devices): the count XLA_FLAGS
+  # forces, else 1 when distributed.mode != off, else every core if the train and eval
+  # batches divide, else 1; logged and recorded in config.json (a resume reuses it).
+  # 1 = off; ignored on GPU/TPU.
+  c.mesh.cpu_devices = 0
 
-  # Multi-host (one process per host; docs/scaling.md).
+  # Multi-host (one process per host) and launch.py --processes (docs/scaling.md).
   c.distributed = ConfigDict()
   c.distributed.mode = "off"            # off | auto (TPU pods, SLURM, MPI) | manual
   c.distributed.coordinator_address = config_dict.placeholder(str)  # manual: "host:port"
   c.distributed.num_processes = config_dict.placeholder(int)        # manual: process count
   c.distributed.process_id = config_dict.placeholder(int)           # manual: this process
+  c.distributed.heartbeat_timeout_s = 100  # a silent process is declared dead after this and
+                                           # the others exit with an error (JAX: 100 s)
+  c.distributed.shutdown_timeout_s = 300   # wait for the others at shutdown (JAX: 300 s)
+  c.distributed.barrier_timeout_s = 1800   # longest wait at lmmask's barriers (the others
+                                           # wait while process 0 builds the workdir's files)
   return c
 
 
@@ -201,7 +209,9 @@ RESUMABLE_FIELDS = frozenset({
     "train.keep_checkpoints", "train.progress_bar", "train.jax_cache_dir",
     "train.profile_start", "train.profile_steps", "mesh.data", "mesh.fsdp", "mesh.cpu_devices",
     "distributed.mode", "distributed.coordinator_address", "distributed.num_processes",
-    "distributed.process_id", "model.attention", "model.remat", "model.scan_layers",
+    "distributed.process_id", "distributed.heartbeat_timeout_s",
+    "distributed.shutdown_timeout_s", "distributed.barrier_timeout_s", "model.attention",
+    "model.remat", "model.scan_layers",
     "optim.grad_accum_steps",
     "train.nonfinite", "train.resume",  # "skip" after a NaN stop is how to go on
 })
@@ -414,15 +424,19 @@ def validate(config) -> None:
        f"{ga} must divide data.batch_size={d.batch_size}")
   need(not d.packing or d.corpus in ("verbs", "text"), "data.packing",
        f"corpus {d.corpus!r} keeps one whole document per row; set data.packing=False")
+  need(not d.packing or m.attention in HONOURS_SEGMENTS, "model.attention",
+       f"{m.attention!r} cannot apply packed rows' segment ids; with data.packing use one of "
+       f"{', '.join(HONOURS_SEGMENTS)}")
   need(not (d.packing and d.pad_side != "right"), "data.pad_side",
        "packing fills rows from the left; set data.pad_side=right with data.packing")
   need(config.eval.direction in DIRECTIONS, "eval.direction",
        f"must be one of {', '.join(DIRECTIONS)}, got {config.eval.direction!r}")
   need(config.eval.floor_tolerance >= 0, "eval.floor_tolerance",
        f"must be >= 0, got {config.eval.floor_tolerance}")
-  cpu = config.mesh.cpu_devices
-  need(_is_int(cpu) and cpu >= 1, "mesh.cpu_devices", f"must be a positive int (1 = off), "
-       f"got {cpu!r}")
+  cpu, dist = config.mesh.cpu_devices, config.distributed
+  need(_is_int(cpu) and cpu >= 0, "mesh.cpu_devices", f"must be an int >= 0 (0 = auto, 1 = off), got {cpu!r}")
+  for f in ("heartbeat_timeout_s", "shutdown_timeout_s", "barrier_timeout_s"):
+    need(_is_int(dist[f]) and dist[f] > 0, f"distributed.{f}", f"must be a positive int (seconds), got {dist[f]!r}")
 
 
 def decoder_config(config, vocab_size: int) -> DecoderConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from lmmask import decode, eval_chat, eval_text, eval_verbs, hf_tokenizer
+from lmmask import decode, eval_chat, eval_text, eval_verbs, hf_tokenizer, parallel
 from lmmask import floor as floor_lib
 from lmmask import step as step_lib
 from lmmask import workdir as wd
@@ -26,11 +26,20 @@ def _extras(data):
   return EXTRAS[data.name]
 
 
+def host_state(state):
+  """`state` itself, or, when its arrays span several processes, a whole copy on every
+  process: generation and the other extras run per process on host arrays (they are
+  small, and every process then computes the same numbers)."""
+  if parallel.spans_processes(state.params) is None:
+    return state
+  return state.replace_from_tree(parallel.gather_to_host(state.checkpoint_tree()))
+
+
 def results_extras(config, state, data, floor_monitor, results) -> dict:
   """Extra keys for results.json: floor alarm and the corpus's own end-of-run extras."""
   floor_monitor.final_check(results["step"], results)  # covers a resume with no new steps
   out = dict(floor_monitor.results())
-  out.update(_extras(data).results_extras(config, state, data))
+  out.update(_extras(data).results_extras(config, host_state(state), data))
   return out
 
 
@@ -59,7 +68,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   out = {"step": restored, **step_lib.run_evals(state, data.eval_sets())}
   if extras:
     out["corpus"] = data.name
-    more = _extras(data).checkpoint_extras(config, state, data, temperature=temperature,
+    more = _extras(data).checkpoint_extras(config, host_state(state), data, temperature=temperature,
                                            sample_seed=sample_seed)
     if "entropy_floor" not in more:
       more.update(entropy_floor(config, data))

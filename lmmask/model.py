@@ -39,6 +39,11 @@ POS_ENCODINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+# Attention paths that apply an arbitrary boolean mask, hence packed rows' segment ids
+# (cudnn folds it into its bias). A fused kernel that takes only lengths or causality
+# would silently let packed documents attend to each other: it must not be listed here,
+# and packing then refuses it (config.validate, and the check in Decoder.__call__).
+HONOURS_SEGMENTS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,9 +374,15 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
     fused = self.cfg.attention != "einsum" and not return_attention
+    if segment_ids is not None and self.cfg.attention not in HONOURS_SEGMENTS:
+      raise ValueError(f"model.attention={self.cfg.attention!r} cannot apply segment ids; "
+                       f"packed rows need one of {', '.join(HONOURS_SEGMENTS)}")
     if fused:  # the same mask in structured form
       bias = masks.attention_structure(key_mask, segment_ids=segment_ids, causal=causal,
                                        keys_are_prefix=keys_are_prefix)
+      if segment_ids is not None and bias.mask is None:  # never drop the segment mask
+        raise ValueError("packed rows reached the fused attention without their segment "
+                         "mask; this is a bug in masks.attention_structure")
       has_key = masks.rows_with_key(key_mask, segment_ids=segment_ids, causal=causal)
     else:
       allowed = masks.attention_mask(key_mask, segment_ids=segment_ids, causal=causal)

@@ -11,18 +11,27 @@ device or on a pod.
 Multi-host: `initialize_distributed` calls ``jax.distributed.initialize``;
 every process computes the same global row indices for a step (they are a pure
 function of seed and step) and materialises only the rows its own devices hold
-(`process_rows`, `put_batch`). Only process 0 writes logs and results
-(`is_writer`); checkpoints are written by orbax from all processes together.
+(`process_rows`, `put_batch`). Only process 0 writes logs, results and the
+workdir's other files (`is_writer`); the others wait for it at a `barrier` and
+then read what it wrote. Checkpoints are written by orbax from all processes
+together; only process 0 prunes them (lmmask/checkpoint.py).
+
+CPU devices: `resolve_cpu_devices` turns mesh.cpu_devices=0 (auto) into a count
+and `apply_cpu_devices` sets it before JAX starts (launch.py calls both).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -181,6 +190,13 @@ def jit_train_step(step_fn, state, mesh: Mesh, rules=RULES):
 # ---------------------------------------------------------------------------
 # Multi-host.
 
+def _use_gloo_on_cpu():
+  """Cross-process collectives on XLA:CPU need an implementation (JAX has none by
+  default: a multi-process CPU run fails at its first all-reduce). It only concerns
+  the CPU client, so it is harmless on a GPU/TPU host."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
 def initialize_distributed(dist_config) -> bool:
   """Call jax.distributed.initialize from the config's `distributed` section.
 
@@ -193,8 +209,13 @@ def initialize_distributed(dist_config) -> bool:
   mode = dist_config.mode
   if mode == "off":
     return False
+  if jax.distributed.is_initialized():  # e.g. eval after train in one process
+    return True
+  timeouts = dict(heartbeat_timeout_seconds=int(dist_config.get("heartbeat_timeout_s", 100)),
+                  shutdown_timeout_seconds=int(dist_config.get("shutdown_timeout_s", 300)))
+  _use_gloo_on_cpu()
   if mode == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
     return True
   if mode != "manual":
     raise ValueError(f"distributed.mode must be off | auto | manual, got {mode!r}")
@@ -212,8 +233,28 @@ def initialize_distributed(dist_config) -> bool:
                      f" (or their LMMASK_* environment variables); use mode=auto on TPU/SLURM")
   if not 0 <= pid < nproc:
     raise ValueError(f"distributed.process_id={pid} must lie in [0, num_processes={nproc})")
-  jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
+  jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid,
+                             **timeouts)
   return True
+
+
+_BARRIERS = itertools.count()  # every process passes the same barriers in the same order
+
+
+def barrier(name: str, timeout_s: int = 1800):
+  """Wait until every process reaches this point (no-op with one process). Raises
+  after `timeout_s` naming the barrier, so a lost peer never hangs a run."""
+  if jax.process_count() == 1:
+    return
+  key = f"lmmask_{name}_{next(_BARRIERS)}"
+  try:
+    ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=int(timeout_s * 1000))
+  except Exception as e:  # noqa: BLE001 - the coordination service's own error types
+    raise RuntimeError(
+        f"process {jax.process_index()} of {jax.process_count()}: barrier {name!r} was not "
+        f"reached by every process within {timeout_s} s ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:200] if str(e) else ''}). Another process failed or is "
+        f"stuck; see its log, then rerun every process to resume.") from e
 
 
 def is_writer() -> bool:
@@ -241,6 +282,87 @@ def put_batch(local_batch, mesh: Mesh, batch_size: int):
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(sh, x, (batch_size,) + x.shape[1:])
   return jax.tree.map(one, local_batch)
+
+
+# ---------------------------------------------------------------------------
+# CPU devices (mesh.cpu_devices).
+
+def forced_cpu_devices(env=None) -> int | None:
+  """The device count XLA_FLAGS forces on the CPU platform, if it sets one."""
+  flags = (os.environ if env is None else env).get("XLA_FLAGS", "")
+  found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", flags)
+  return int(found[-1]) if found else None
+
+
+def _cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def resolve_cpu_devices(config, recorded: int | None = None, env=None) -> tuple[int, str]:
+  """(count, why) for mesh.cpu_devices; 0 = auto (the rules in lmmask/config.py).
+  `recorded` is the count in the workdir's config.json when resuming."""
+  n = config.mesh.cpu_devices
+  if n:
+    return n, "mesh.cpu_devices"
+  # Setting jax_num_cpu_devices would silently replace what XLA_FLAGS asks for.
+  forced = forced_cpu_devices(env)
+  if forced:
+    return forced, "XLA_FLAGS --xla_force_host_platform_device_count"
+  if recorded:
+    return recorded, "the count recorded in the workdir's config.json (resume)"
+  if config.distributed.mode != "off":
+    return 1, f"distributed.mode={config.distributed.mode} (one device per process)"
+  m, d = config.mesh, config.data
+  cores = _cores()
+  if m.data > 0 and m.fsdp > 0:
+    return m.data * m.fsdp, "mesh.data x mesh.fsdp"
+  fixed = m.fsdp if m.fsdp > 0 else m.data  # the one explicitly sized axis must divide
+  if (cores > 1 and d.batch_size % (cores * config.optim.grad_accum_steps) == 0
+      and d.eval_batch_size % cores == 0 and cores % max(1, fixed) == 0):
+    return cores, f"all {cores} cores"
+  return 1, (f"1: data.batch_size={d.batch_size} / data.eval_batch_size={d.eval_batch_size} "
+             f"do not divide over {cores} cores")
+
+
+def apply_cpu_devices(n: int):
+  """Split the CPU platform into `n` devices; call before JAX touches a device."""
+  forced = forced_cpu_devices()
+  if forced is not None:
+    if n != forced:
+      raise ValueError(f"mesh.cpu_devices={n} but XLA_FLAGS forces "
+                       f"--xla_force_host_platform_device_count={forced}; set "
+                       f"mesh.cpu_devices=0 (auto) or {forced}, or drop the XLA flag")
+    return
+  if n > 1:
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def spans_processes(tree) -> Mesh | None:
+  """The mesh of a tree whose arrays span several processes, else None."""
+  if jax.process_count() == 1:
+    return None
+  for leaf in jax.tree.leaves(tree):
+    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+    if mesh is not None and not leaf.is_fully_addressable:
+      return mesh
+  return None
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Host arrays that every process holds whole, as arrays replicated on `mesh` (eval
+  batches: their last batch need not divide over the devices)."""
+  rep = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rep, np.asarray(x)),
+                      tree)
+
+
+def gather_to_host(tree):
+  """Every array of `tree` whole, as numpy, on every process (a collective: all call it)."""
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                      tree)
 
 
 def setup_jax_cache(path: str):

@@ -33,6 +33,13 @@ def _scalar(v) -> bool:
 
 
 def collect(workdir: str, manifest: dict) -> list[dict]:
+  """One row per point: its results, else its status ("missing"; for a cluster sweep
+  the job's state, e.g. "failed", with its error and log path from jobs.json)."""
+  jobs_path = os.path.join(workdir, "jobs.json")  # written by lmmask/cluster.py
+  jobs = {}
+  if os.path.exists(jobs_path):
+    with open(jobs_path) as f:
+      jobs = json.load(f)
   rows = []
   for p in manifest["points"]:
     row = {"point": p["name"], **p["overrides"]}
@@ -42,6 +49,10 @@ def collect(workdir: str, manifest: dict) -> list[dict]:
         res = json.load(f)
       row["status"] = "done"
       row.update({k: v for k, v in res.items() if _scalar(v) and k not in row})
+    elif p["name"] in jobs:
+      job = jobs[p["name"]]
+      row["status"] = job.get("state", "submitted")
+      row.update({k: job[k] for k in ("job_id", "error", "stderr") if k in job})
     else:
       row["status"] = "missing"
     rows.append(row)

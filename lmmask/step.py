@@ -8,6 +8,7 @@ functions: jit them at the call site (training donates the state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -16,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lmmask import accumulate, guards, losses, optim
+from lmmask import accumulate, guards, losses, optim, parallel
 from lmmask.batching import Batch
 from lmmask.config import decoder_config
 from lmmask.model import Decoder
@@ -151,11 +154,23 @@ def eval_step(state: TrainState, batch: Batch):
 _eval_step_jit = jax.jit(eval_step)
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_step_on(mesh):
+  # Sums replicated on every device, so every process can read them.
+  return jax.jit(eval_step, out_shardings=NamedSharding(mesh, P()))
+
+
 def evaluate(state: TrainState, batches) -> dict:
-  """Token-mean loss, PPL and accuracy over a list of batches (exact, from sums)."""
+  """Token-mean loss, PPL and accuracy over a list of batches (exact, from sums).
+  A state spanning several processes is evaluated on its mesh, every process
+  passing the same (whole) batches."""
+  mesh = parallel.spans_processes(state.params)
+  fn = _eval_step_jit if mesh is None else _eval_step_on(mesh)
   nll = tokens = correct = 0.0
   for b in batches:
-    m = jax.device_get(_eval_step_jit(state, b))
+    if mesh is not None:
+      b = parallel.put_replicated(b, mesh)
+    m = jax.device_get(fn(state, b))
     nll += float(m["nll_sum"])
     tokens += float(m["num_tokens"])
     correct += float(m["num_correct"])

@@ -25,14 +25,6 @@ from lmmask.data import registry
 from lmmask.model import count_params
 
 
-def _host_rows(batch, rows, batch_size):
-  """This process's rows [lo, hi) of a global batch (all rows when there is one host)."""
-  lo, hi = rows
-  if (lo, hi) == (0, batch_size):
-    return batch
-  return jax.tree.map(lambda x: x[lo:hi], batch)
-
-
 class Logger:
   """JSONL + TensorBoard event files, appended across resumed runs."""
 
@@ -87,13 +79,22 @@ class Profiler:
       self.active = False
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Train (or resume) the experiment in `config` inside `workdir`; return results."""
-  config_lib.validate(config)
-  parallel.initialize_distributed(config.distributed)  # before any device is touched
-  parallel.setup_jax_cache(config.train.jax_cache_dir)
-  cfg_dict = config_lib.to_dict(config)
-  writer = parallel.is_writer()  # only process 0 writes files outside orbax
+def _with_cpu_devices(config):
+  """`config` with mesh.cpu_devices=0 (auto) replaced by the count this process runs
+  with, so config.json records it (launch.py resolves it before JAX starts; a caller
+  that started JAX itself gets what it has)."""
+  if config.mesh.cpu_devices:
+    return config
+  n = jax.local_device_count() if jax.default_backend() == "cpu" else 1
+  return config_lib.apply_overrides(config, {"mesh.cpu_devices": n})
+
+
+def _open_workdir(config, workdir: str, cfg_dict: dict, writer: bool):
+  """Claim the workdir, load the data, build the train state, eval sets and floor
+  monitor, and (process 0, new workdir) only then write config.json, so an input
+  that fails any of these leaves the workdir untouched. Process 0 runs it first,
+  creating the files (tokenizer, shards, config.json); the others then run it to
+  verify and read them. Returns (data, base_cfg, state, eval_sets, floor_monitor)."""
   wd.check_writable(workdir)
   is_new = wd.claim(workdir, cfg_dict) if os.path.isdir(workdir) else True
   if config.train.resume == "require" and not ckpt.committed_steps(workdir):
@@ -101,26 +102,52 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"train.resume='require' but {os.path.join(workdir, ckpt.CKPT_DIR)} holds no "
         f"checkpoint to resume from; check --workdir, or set train.resume=auto to start "
         f"from step 0")
-
   data = registry.load(config, workdir)
-  init_from = config.train.init_from
-  if init_from:  # checked before anything is written into the workdir
+  base_cfg = None
+  if config.train.init_from:  # checked before anything is written into the workdir
     base_cfg = wd.check_init_from(config, workdir, data)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                       vocab_size=data.vocab_size)
-  # Device mesh; params and optimizer state laid out on it (restores keep it).
-  mesh = parallel.mesh_from_config(config)
-  parallel.check_batch_size(config.data.batch_size, mesh, state.options.grad_accum_steps)
-  state = parallel.shard_state(state, mesh)
-  rows = parallel.process_rows(parallel.batch_sharding(mesh), config.data.batch_size)
   eval_sets = data.eval_sets()
   floor_monitor = floor_lib.FloorMonitor(config, data, workdir)
+  if writer:
+    os.makedirs(workdir, exist_ok=True)
+    if is_new:
+      wd.atomic_write_json(os.path.join(workdir, wd.CONFIG_FILE), cfg_dict)
+  return data, base_cfg, state, eval_sets, floor_monitor
 
-  os.makedirs(workdir, exist_ok=True)
-  if is_new and writer:
-    wd.atomic_write_json(os.path.join(workdir, wd.CONFIG_FILE), cfg_dict)
-  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints)
-  best = ckpt.manager(workdir, ckpt.BEST_DIR, 1)
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train (or resume) the experiment in `config` inside `workdir`; return results."""
+  config_lib.validate(config)
+  parallel.initialize_distributed(config.distributed)  # before any device is touched
+  parallel.setup_jax_cache(config.train.jax_cache_dir)
+  config = _with_cpu_devices(config)
+  cfg_dict = config_lib.to_dict(config)
+  writer = parallel.is_writer()  # only process 0 writes files outside orbax
+  timeout = config.distributed.barrier_timeout_s
+  # Checked before the workdir is touched (config only): a bad mesh writes nothing.
+  mesh = parallel.mesh_from_config(config)
+  parallel.check_batch_size(config.data.batch_size, mesh, config.optim.grad_accum_steps)
+  if writer:
+    data, base_cfg, state, eval_sets, floor_monitor = _open_workdir(config, workdir, cfg_dict,
+                                                                    writer)
+  parallel.barrier("workdir_ready", timeout)  # the others wait for process 0's files
+  if not writer:
+    data, base_cfg, state, eval_sets, floor_monitor = _open_workdir(config, workdir, cfg_dict,
+                                                                    writer)
+  init_from = config.train.init_from
+  # Params and optimizer state laid out on the mesh (restores keep it).
+  state = parallel.shard_state(state, mesh)
+  rows = parallel.process_rows(parallel.batch_sharding(mesh), config.data.batch_size)
+  if jax.process_count() > 1:
+    print(f"lmmask: process {jax.process_index()} of {jax.process_count()} builds rows "
+          f"[{rows[0]}, {rows[1]}) of each batch of {config.data.batch_size} on its "
+          f"{jax.local_device_count()} device(s) (mesh {dict(mesh.shape)})", flush=True)
+
+  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints,
+                      barrier_timeout_s=timeout)
+  best = ckpt.manager(workdir, ckpt.BEST_DIR, 1, barrier_timeout_s=timeout)
   best_val = math.inf
   skips = 0  # updates dropped by train.nonfinite=skip, over the whole experiment
   model_file = os.path.join(workdir, wd.MODEL_FILE)
@@ -163,7 +190,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   stop = preempt.StopSignals().install()  # SIGTERM/SIGINT: finish step, save, exit 128+signum
   try:
     for step in range(start, total):
-      batch = _host_rows(data.train_batch(step), rows, config.data.batch_size)
+      # Each process builds only the rows its devices hold (all of them with one).
+      batch = data.train_batch(step, rows=None if rows == (0, config.data.batch_size) else rows)
       batch = parallel.put_batch(batch, mesh, config.data.batch_size)
       profiler.step(step)
       state, metrics = step_fn(state, batch)

@@ -166,6 +166,12 @@ def restore_state(workdir: str, which: str = "latest", step: int | None = None, 
   sub = WHICH[which]
   if not ckpt.committed_steps(workdir, sub):
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
+  if jax.process_count() > 1:  # restore straight onto the mesh of every process's devices
+    try:
+      mesh = parallel.mesh_from_config(config)
+    except ValueError:  # the run's own mesh does not fit these devices: data parallel
+      mesh = parallel.make_mesh(-1, 1)
+    state = parallel.shard_state(state, mesh)
   mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False)
   try:
     restored, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())

@@ -165,3 +165,14 @@ def test_init_from_accepts_training_knobs_and_checks_vocab_and_tokenizer(tmp_pat
     workdir_lib.check_init_from(new, str(tmp_path / "new"), _Data(41))
   with pytest.raises(ValueError, match="tokenizer"):
     workdir_lib.check_init_from(new, str(tmp_path / "new"), _Data(40, sha="other"))
+
+
+def test_packing_refuses_an_attention_path_without_segment_ids(monkeypatch):
+  """A fused kernel that cannot apply segment ids must never run packed rows (it would
+  let packed documents attend to each other); every current path can."""
+  c = config_lib.apply_overrides(config_lib.load_file(os.path.join(REPO, "configs", "verbs.py") + ":tiny"),
+                                 {"data.packing": True, "model.attention": "xla"})
+  config_lib.validate(c)
+  monkeypatch.setattr(config_lib, "HONOURS_SEGMENTS", ("einsum",))
+  with pytest.raises(ValueError, match="model.attention.*segment ids"):
+    config_lib.validate(c)

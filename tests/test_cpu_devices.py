@@ -1,4 +1,5 @@
-"""config.mesh.cpu_devices (launch.py): N XLA:CPU devices, so mesh.data=-1 is data parallel.
+"""config.mesh.cpu_devices (launch.py): N XLA:CPU devices, so mesh.data=-1 is data parallel;
+0 (the default) = auto.
 
 A subprocess: the device count is fixed once JAX starts, and the pytest process has 1.
 """
@@ -6,6 +7,10 @@ import json
 import os
 import subprocess
 import sys
+
+from conftest import tiny_config
+
+from lmmask import parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -17,7 +22,7 @@ from absl import app
 spec = importlib.util.spec_from_file_location("verbs_config", "configs/verbs.py")
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 bad = {}
-for v in (0, -1):
+for v in (-1, -2):
   c = mod.get_config("tiny"); c.mesh.cpu_devices = v
   try:
     launch._set_cpu_devices(c); bad[repr(v)] = "accepted"
@@ -45,8 +50,26 @@ def _run(n):
 
 
 def test_cpu_devices_gives_a_data_parallel_mesh():
-  two, one = _run(2), _run(1)
+  two, one, auto = _run(2), _run(1), _run(0)
   assert two["devices"] == 2 and two["mesh"] == {"data": 2, "fsdp": 1}
-  assert one["devices"] == 1 and one["mesh"] == {"data": 1, "fsdp": 1}  # the default is off
-  for v in ("0", "-1"):
-    assert "mesh.cpu_devices must be a positive int" in two["bad"][v], two["bad"]
+  assert one["devices"] == 1 and one["mesh"] == {"data": 1, "fsdp": 1}
+  want, _ = parallel.resolve_cpu_devices(tiny_config(), env={})
+  assert auto["devices"] == want  # every core here (the tiny batches divide over 2, 4, 8)
+  for v in ("-1", "-2"):
+    assert "mesh.cpu_devices must be an int >= 0" in two["bad"][v], two["bad"]
+
+
+def test_auto_cpu_devices_rules(monkeypatch):
+  monkeypatch.setattr(parallel, "_cores", lambda: 4)
+  c = tiny_config()  # batch 16, eval batch 64
+  flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert parallel.resolve_cpu_devices(c, env=flags)[0] == 8       # XLA_FLAGS wins
+  assert parallel.resolve_cpu_devices(c, recorded=3, env={})[0] == 3  # a resume keeps its count
+  assert parallel.resolve_cpu_devices(c, env={}) == (4, "all 4 cores")
+  c.distributed.mode = "manual"
+  assert parallel.resolve_cpu_devices(c, env={})[0] == 1
+  c = tiny_config(**{"data.batch_size": 6})
+  n, why = parallel.resolve_cpu_devices(c, env={})
+  assert n == 1 and "do not divide" in why
+  c = tiny_config(**{"mesh.cpu_devices": 2})
+  assert parallel.resolve_cpu_devices(c, env=flags)[0] == 2       # explicit: as given

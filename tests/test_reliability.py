@@ -244,7 +244,10 @@ def _launch_cmd(workdir):
   cache = os.environ.get("LMMASK_TEST_JAX_CACHE", "")
   return [sys.executable, "-c", _WRAPPER, "--config=configs/verbs.py:tiny",
           f"--workdir={workdir}", "--config.train.progress_bar=False",
-          f"--config.train.jax_cache_dir={cache}"]
+          f"--config.train.jax_cache_dir={cache}",
+          # one device, as the in-process run it is compared with bit for bit (the
+          # default, auto, would use every core)
+          "--config.mesh.cpu_devices=1"]
 
 
 def _env():

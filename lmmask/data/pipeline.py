@@ -53,8 +53,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   return out
 
 
-def train_batch(split: Split, *, step: int, batch_size: int, seed: int, pad_id: int) -> Batch:
-  rows = batch_indices(len(split), batch_size, step, seed)
+def train_batch(split: Split, *, step: int, batch_size: int, seed: int, pad_id: int,
+                rows=None) -> Batch:
+  """The batch of `step`; rows=(lo, hi) builds only those rows of it."""
+  rows = batch_indices(len(split), batch_size, step, seed)[slice(*(rows or (None, None)))]
   return batch_from_ids(split.ids[rows], pad_id=pad_id)
 
 

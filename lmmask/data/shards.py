@@ -372,9 +372,10 @@ class ShardLoader:
   def doc_ids(self, step: int) -> np.ndarray:
     return pipeline.batch_indices(len(self.split), self.batch_size, step, self.seed)
 
-  def batch(self, step: int) -> Batch:
-    """The training batch of 0-based step ``step`` (independent of any earlier call)."""
-    return self.rows(self.doc_ids(step))
+  def batch(self, step: int, rows=None) -> Batch:
+    """The training batch of 0-based step ``step`` (independent of any earlier call);
+    rows=(lo, hi) builds only those rows of it."""
+    return self.rows(self.doc_ids(step)[slice(*(rows or (None, None)))])
 
   def position(self, step: int) -> dict:
     """Where step ``step`` reads: epoch and offset into that epoch's shuffle."""

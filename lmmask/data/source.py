@@ -29,7 +29,9 @@ class DataSource:
   name: str                             # the corpus key: "verbs" | "text" | "shards"
   vocab_size: int                       # the model's vocabulary size
   pad_id: int                           # filler id (masks never depend on it for text)
-  train_batch: Callable[[int], Batch]   # step -> the batch of that step (pure in step)
+  train_batch: Callable[..., Batch]     # (step, rows=None) -> the batch of that step (pure
+                                        # in step); rows=(lo, hi): only those rows of it,
+                                        # built alone (each process builds its own rows)
   eval_sets: Callable[[], dict]         # () -> {name: [Batch, ...]}, each covered once
   tokenizer: TokenizerLike              # text <-> ids for prompts and samples
   identity: dict                        # JSON-able; model.json's "data" (init_from compares

@@ -239,9 +239,9 @@ def source(config, workdir: str | None) -> DataSource:
   kw = dict(length=d.length, packing=d.packing, pad_id=tok.pad_id, pad_side=d.pad_side)
   train, val = TextSplit(splits["train"], **kw), TextSplit(splits["val"], **kw)
 
-  def train_batch(step: int):
-    rows = pipeline.batch_indices(len(train), d.batch_size, step, config.seed)
-    return train.batch(rows)
+  def train_batch(step: int, rows=None):
+    windows = pipeline.batch_indices(len(train), d.batch_size, step, config.seed)
+    return train.batch(windows[slice(*(rows or (None, None)))])
 
   def eval_sets():
     bs, mx = d.eval_batch_size, d.max_eval_batches

@@ -56,17 +56,21 @@ def splits(config):
   return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
 
 
-def train_batch(config, train_split, step: int, pad_id: int):
-  """The training batch of `step`: several examples per row with data.packing
-  (lmmask/packing.py, first fit), else one padded example per row."""
+def train_batch(config, train_split, step: int, pad_id: int, rows=None):
+  """The training batch of `step` (rows=(lo, hi): only those rows): several examples
+  per row with data.packing (lmmask/packing.py, first fit), else one padded example
+  per row."""
   d = config.data
   if d.packing:
+    # First fit packs across rows (a document goes to the first row with room), so a
+    # row depends on the whole step's documents: pack them all (cheap: token ids
+    # only), keep this process's rows.
     batch, _ = packing.train_batch(train_split, step=step, batch_size=d.batch_size,
                                    seed=config.seed, pad_id=pad_id,
                                    docs_per_row=d.pack_docs_per_row)
-    return batch
+    return batch if rows is None else batch.take_rows(*rows)
   return pipeline.train_batch(train_split, step=step, batch_size=d.batch_size,
-                              seed=config.seed, pad_id=pad_id)
+                              seed=config.seed, pad_id=pad_id, rows=rows)
 
 
 def eval_sets(config, train_split, val_split, pad_id: int) -> dict:
@@ -92,6 +96,6 @@ def source(config, workdir: str | None = None) -> DataSource:
     identity["tokens"] = tokens
   return DataSource(
       name="verbs", vocab_size=len(corpus.vocab), pad_id=pad_id,
-      train_batch=lambda step: train_batch(config, train_split, step, pad_id),
+      train_batch=lambda step, rows=None: train_batch(config, train_split, step, pad_id, rows),
       eval_sets=lambda: eval_sets(config, train_split, val_split, pad_id),
       tokenizer=VocabTokenizer(corpus.vocab), identity=identity, info=corpus)
