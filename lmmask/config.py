@@ -33,8 +33,7 @@ def defaults() -> ConfigDict:
   c.seed = 0                            # seeds params, dropout and data order
 
   c.data = d = ConfigDict()
-  d.corpus = "verbs"                    # verbs (embedded) | text (files) | shards (prepared,
-                                        # or a chat .jsonl) | pretrained (--mode=import)
+  d.corpus = "verbs"                    # verbs | text | shards (prepared, or chat .jsonl) | pretrained
   # --- every corpus
   d.length = 14                         # every row is padded (or packed) to this many tokens (L)
   d.pad_side = "right"                  # right | left; the loss is identical
@@ -57,8 +56,7 @@ def defaults() -> ConfigDict:
   d.split_seed = 0                      # seeds which documents are held out
   d.tokenizer = ""                      # an existing tokenizer.json; "" = train a byte-level BPE
   d.vocab_size = 512                    # BPE vocabulary size when training one (>= 259)
-  d.pad_token = "<pad>"                 # special tokens (must exist in a given tokenizer);
-                                        # pretrained: the pad chosen at import
+  d.pad_token = "<pad>"                 # special tokens (in a given tokenizer; imported: its pad)
   d.bos_token = "<bos>"
   d.eos_token = "<eos>"
   d.max_eval_batches = 0                # cap on eval batches per split; 0 = the whole split
