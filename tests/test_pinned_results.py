@@ -17,3 +17,12 @@ def test_results_are_bit_identical_to_the_recording(pinned_runs, name):
   got = {k: v for k, v in results.items() if k not in TIMING}
   assert sorted(got) == sorted(want)
   assert {k: v for k, v in got.items() if v != want[k]} == {}
+
+
+def test_the_pinned_verbs_run_is_the_tiny_config():
+  """tiny_run reuses the pinned verbs run: that is only sound while they are one experiment."""
+  from conftest import pinned_config, tiny_config
+
+  from lmmask import config as config_lib
+  assert config_lib.identity_diff(config_lib.to_dict(pinned_config("verbs")),
+                                  config_lib.to_dict(tiny_config())) == []
