@@ -243,7 +243,7 @@ def gguf_tokenizer(meta: dict, *, pad_token: str | None = None):
   if pre in _UNCOPIED_SPLITS:
     raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} needs a split regex lmmask does not "
                      f"implement; use the model's tokenizer.json")
-  tk = hf_tokenizer._tokenizers()
+  tk = hf_tokenizer.tokenizers_module()
   tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
   types = list(meta.get("tokenizer.ggml.token_type") or [])
   spelling = _bytes_to_unicode()

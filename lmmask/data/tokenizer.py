@@ -30,7 +30,8 @@ CHAT_END = "<|end|>"
 CHAT_SPECIALS = (*TEXT_SPECIALS, *CHAT_ROLE_TAGS.values(), CHAT_END)
 
 
-def _tokenizers():
+def tokenizers_module():
+  """The `tokenizers` package, imported late (it is heavy) with a clear error if missing."""
   try:
     import tokenizers
   except ImportError as e:  # declared in setup.cfg; say how to fix a stale environment
@@ -51,7 +52,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
               field: str = "data.vocab_size"):
   """A `tokenizers.Tokenizer` (byte-level BPE) trained on `texts`, with
   `special_tokens` at ids 0..n-1. `field` names the config knob in errors."""
-  tk = _tokenizers()
+  tk = tokenizers_module()
   alphabet = tk.pre_tokenizers.ByteLevel.alphabet()
   if vocab_size < len(alphabet) + len(special_tokens):
     raise ValueError(f"{field}={vocab_size} is too small for a byte-level BPE: it needs "
@@ -130,7 +131,7 @@ class Tokenizer:
   def load(cls, path: str, **kw) -> "Tokenizer":
     """A tokenizer.json (or a directory holding one) with the named special tokens."""
     path = _resolve(path)
-    return cls(_tokenizers().Tokenizer.from_file(path), path=path, **kw)
+    return cls(tokenizers_module().Tokenizer.from_file(path), path=path, **kw)
 
   @classmethod
   def chat(cls, tok, path: str | None = None) -> "Tokenizer":
@@ -148,7 +149,7 @@ class Tokenizer:
   @classmethod
   def load_chat(cls, path: str) -> "Tokenizer":
     path = _resolve(path)
-    return cls.chat(_tokenizers().Tokenizer.from_file(path), path)
+    return cls.chat(tokenizers_module().Tokenizer.from_file(path), path)
 
   def save(self, path: str) -> None:
     """Write tokenizer.json atomically; this wrapper then refers to that file."""
