@@ -21,9 +21,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lmmask import audit, cluster, evaluation, interop, multiprocess, parallel, sweep, train
+from lmmask import cluster, multiprocess, parallel, sweep, train
 from lmmask import workdir as workdir_lib
 from lmmask.data import prepare
+from lmmask.eval import audit, generate
+from lmmask.eval import evaluate as evaluation
+from lmmask.interop import convert as interop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/verbs.py[:variant].",
@@ -231,7 +234,7 @@ def mode_generate():
       prompts += [line.strip() for line in f if line.strip()]
   if not prompts:
     raise app.UsageError("--mode=generate needs --prompt=... (repeatable) or --prompt_file")
-  for prompt, completion in evaluation.generate_text(
+  for prompt, completion in generate.generate_text(
       _WORKDIR.value, prompts, step=_STEP.value, which=_WHICH.value,
       max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, seed=_SAMPLE_SEED.value, chat=_CHAT.value):

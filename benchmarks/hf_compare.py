@@ -36,7 +36,8 @@ import optax
 import psutil
 from flax import nnx
 
-from lmmask import decode, hf
+from lmmask import decode
+from lmmask.interop import hf
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FULL = {"batch": 4, "seq": 256, "new_tokens": 64, "gen_batch": 8, "prompt": 32, "rounds": 3,

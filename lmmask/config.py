@@ -153,7 +153,7 @@ def defaults() -> ConfigDict:
   t.profile_start = -1                  # first step of a jax.profiler trace; -1 = off
   t.profile_steps = 5                   # steps traced (into workdir/profile)
 
-  # Evaluation extras and leak diagnostics (lmmask/evals/, audit.py); never part of
+  # Evaluation extras and leak diagnostics (lmmask/eval/); never part of
   # the experiment's identity.
   c.eval = e = ConfigDict()
   e.direction = "es_en"                 # verbs exact match: es_en ("<bos> spanish /" -> English)
@@ -168,7 +168,7 @@ def defaults() -> ConfigDict:
   e.audit_heatmaps = 3                  # examples drawn as attention heat maps by the audit
   e.prompt_tokens = 16                  # text eval: tokens of each held-out opening to continue
 
-  # The add-k n-gram baseline on the same split (lmmask/ngram.py).
+  # The add-k n-gram baseline on the same split (lmmask/eval/ngram.py).
   c.baseline = ConfigDict()
   c.baseline.ngram_n = 3                # n-gram order (context = previous n-1 tokens)
   c.baseline.ngram_k = 0.1              # add-k smoothing constant (> 0)

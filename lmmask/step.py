@@ -20,10 +20,38 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lmmask import accumulate, guards, losses, optim, parallel
+from lmmask import losses, optim, parallel
 from lmmask.batching import Batch
 from lmmask.config import decoder_config
 from lmmask.model import Decoder
+
+# Skipping an optimizer update inside a jitted step.
+#
+# Under AdamW a zero gradient still moves the parameters (the first moment keeps
+# its momentum, weight decay shrinks the weights) and advances the optimizer's
+# counters. A batch that must not train the model -- no target token counted, or
+# (the same mechanism) a non-finite loss -- therefore has to keep the old
+# parameters AND the old optimizer state, selected on device with `jnp.where` so
+# the step stays one compiled program with no host round trip.
+#
+# Step counter: `train_step` still increments ``state.step`` on a skipped
+# batch. The batch was consumed; data order and the lr schedule are functions of
+# the step, so a skipped batch is not retried and the schedule does not stall.
+# The step's metrics carry ``skipped_empty=1`` and ``update_norm=0``.
+
+
+def keep_if(skip, old, new):
+  """``old`` where the scalar boolean ``skip`` is True, else ``new`` (any pytrees of
+  the same structure, e.g. ``(params, opt_state)``)."""
+  skip = jnp.asarray(skip, dtype=bool)
+  if skip.ndim != 0:
+    raise ValueError(f"keep_if needs a scalar skip flag, got shape {skip.shape}")
+  return jax.tree.map(lambda o, n: jnp.where(skip, o, n), old, new)
+
+
+def no_targets(metrics) -> jnp.ndarray:
+  """True when the batch counted no target token (an all-zero loss mask)."""
+  return metrics["num_tokens"] == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +140,11 @@ def train_step(state: TrainState, batch: Batch):
   o = state.options
   rng = jax.random.fold_in(state.rng, state.step)
 
-  # Exact under accumulation and sharding: weights from the global mask (accumulate.py).
+  # Exact under accumulation and sharding: weights from the global mask (losses.loss_and_grads).
   # loss = cross-entropy + z-loss term (differentiated); metrics["loss"] stays the
   # cross-entropy, metrics["z_loss"] is the z-loss term (when loss.z_loss > 0).
   logits_fn = lambda p, mb, r: forward(state, p, mb, deterministic=False, rng=r)  # noqa: E731
-  loss, grads, metrics = accumulate.loss_and_grads(
+  loss, grads, metrics = losses.loss_and_grads(
       logits_fn, state.params, batch, reduction=o.reduction, steps=o.grad_accum_steps,
       rng=rng, z_loss=o.z_loss)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -125,16 +153,16 @@ def train_step(state: TrainState, batch: Batch):
   # A batch with no counted target (all-zero loss mask) has loss 0 and must not
   # train: keep params AND optimizer state (AdamW would still move them). The
   # step counter still advances (the batch is consumed; data order and lr
-  # schedule are step-derived). See lmmask/guards.py. train.nonfinite=skip uses
+  # schedule are step-derived). See keep_if. train.nonfinite=skip uses
   # the same mechanism for a non-finite loss or gradient.
-  skipped_empty = guards.no_targets(metrics)
+  skipped_empty = no_targets(metrics)
   keep_old = skipped_empty
   extra = {}
   if o.skip_nonfinite:  # static: a non-finite step keeps params and opt state, bit for bit
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_old = keep_old | ~finite
     extra["skipped"] = (~finite).astype(jnp.float32)
-  params, opt_state = guards.keep_if(keep_old, (state.params, state.opt_state),
+  params, opt_state = keep_if(keep_old, (state.params, state.opt_state),
                                      (params, opt_state))
   metrics = dict(metrics, lr=state.schedule(state.step), grad_norm=grad_norm,
                  update_norm=jnp.where(keep_old, 0.0, optax.global_norm(updates)),

@@ -2,7 +2,7 @@
 
 Everything else has its own owner: the state and the steps (step.py), the
 workdir's files and the one restore (workdir.py), orbax (checkpoint.py), the
-corpus (data/registry.py), per-corpus evaluation extras (evaluation.py).
+corpus (data/registry.py), per-corpus evaluation extras (eval/evaluate.py).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import numpy as np
 
 from lmmask import checkpoint as ckpt
 from lmmask import config as config_lib
-from lmmask import evaluation, parallel, preempt
-from lmmask import floor as floor_lib
+from lmmask import parallel, preempt
 from lmmask import step as step_lib
 from lmmask import workdir as wd
 from lmmask.data import registry
+from lmmask.eval import evaluate as evaluation
+from lmmask.eval import floor as floor_lib
 from lmmask.model import count_params
 
 

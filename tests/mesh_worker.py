@@ -13,8 +13,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_config  # noqa: E402  (sets the shared compilation cache)
 
-from lmmask import accumulate, parallel, train  # noqa: E402
 from lmmask import checkpoint as ckpt  # noqa: E402
+from lmmask import (  # noqa: E402
+  losses,  # noqa: E402
+  parallel,
+  train,
+)
 from lmmask import step as step_lib
 from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
 
@@ -51,7 +55,7 @@ def main():
   def grads_fn(steps):
     def f(state, b):
       logits_fn = lambda p, mb, r: step_lib.forward(state, p, mb, deterministic=True)  # noqa
-      loss, g, m = accumulate.loss_and_grads(logits_fn, state.params, b,
+      loss, g, m = losses.loss_and_grads(logits_fn, state.params, b,
                                              reduction=state.options.reduction, steps=steps)
       return loss, g
     return f

@@ -22,12 +22,13 @@ import pytest
 from conftest import REPO, tiny_config
 from ml_collections import ConfigDict
 
-from lmmask import batching, evaluation, train
+from lmmask import batching, train
 from lmmask import checkpoint as ckpt
 from lmmask import config as config_lib
 from lmmask import step as step_lib
 from lmmask import workdir as workdir_lib
 from lmmask.data import pipeline, verbs
+from lmmask.eval import evaluate as evaluation
 
 
 class LaunchExit(Exception):

@@ -11,10 +11,11 @@ import pytest
 from conftest import load_config
 
 from lmmask import checkpoint as ckpt
-from lmmask import eval_chat, train
 from lmmask import step as step_lib
+from lmmask import train
 from lmmask import workdir as workdir_lib
 from lmmask.data import prepare, registry, shards, synthetic_chat, tokenizer
+from lmmask.eval import chat as eval_chat
 
 
 def chat_config(arg):

@@ -1,8 +1,7 @@
 """Chat templates, SFT masks and the pad id, without torch or transformers."""
 import pytest
 
-from lmmask import chat_template, hf_tokenizer
-from lmmask.data import prepare
+from lmmask.data import chat_template, hf_tokenizer, prepare
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}"

@@ -14,7 +14,10 @@ import pytest
 from flax import nnx
 from test_chat_template import CHATML, CONV, chatml_tokenizer
 
-from lmmask import batching, chat_template, decode, gguf_io, hf
+from lmmask import batching, decode
+from lmmask.data import chat_template
+from lmmask.interop import gguf as gguf_io
+from lmmask.interop import hf
 from lmmask.model import DecoderConfig
 
 # The reference implementation. Both come with the test extra (pip install -e ".[test]",

@@ -11,9 +11,11 @@ from conftest import REPO
 from test_chat_template import CONV
 from test_hf import _hf_config, _randomise, _tokenizer_files
 
-from lmmask import eval_chat, hf, interop
 from lmmask import workdir as workdir_lib
 from lmmask.data import registry
+from lmmask.eval import chat as eval_chat
+from lmmask.interop import convert as interop
+from lmmask.interop import hf
 
 pytestmark = pytest.mark.slow  # launch.py subprocesses (about a minute in all)
 # The reference implementation. Both come with the test extra (pip install -e ".[test]",

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from lmmask import audit, eval_verbs, evaluation, train
 from lmmask import step as step_lib
+from lmmask import train
 from lmmask import workdir as workdir_lib
 from lmmask.data import verbs, verbs_source
+from lmmask.eval import audit, generate
+from lmmask.eval import verbs as eval_verbs
 
 STEPS = 80  # the alarm must fire within this many steps without the causal mask
 
@@ -229,15 +231,15 @@ def test_audit_workdir_passes_the_correct_checkpoint(runs):
 
 
 def test_generate_text_from_checkpoint(runs):
-  out = evaluation.generate_text(runs[True][0], ["yo como /", "<bos> él ve /"])
+  out = generate.generate_text(runs[True][0], ["yo como /", "<bos> él ve /"])
   assert [p for p, _ in out] == ["yo como /", "<bos> él ve /"]
   assert all(isinstance(c, str) and c for _, c in out)
-  sampled = evaluation.generate_text(runs[True][0], ["yo como /"], temperature=1.0, top_k=5,
+  sampled = generate.generate_text(runs[True][0], ["yo como /"], temperature=1.0, top_k=5,
                                      seed=3)
-  assert sampled == evaluation.generate_text(runs[True][0], ["yo como /"], temperature=1.0,
+  assert sampled == generate.generate_text(runs[True][0], ["yo como /"], temperature=1.0,
                                              top_k=5, seed=3)
   with pytest.raises(ValueError, match="not in the verbs vocabulary"):
-    evaluation.generate_text(runs[True][0], ["yo xyzzy /"])
+    generate.generate_text(runs[True][0], ["yo xyzzy /"])
 
 
 def test_exact_match_reverse_direction_runs(runs):

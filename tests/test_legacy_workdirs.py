@@ -4,8 +4,9 @@ import os
 
 from conftest import copy_legacy, pinned_config  # noqa: F401
 
-from lmmask import evaluation, train
+from lmmask import train
 from lmmask import workdir as workdir_lib
+from lmmask.eval import evaluate as evaluation
 
 
 def _saved_results(workdir):

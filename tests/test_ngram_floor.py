@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from lmmask import floor, ngram
 from lmmask.data import verbs
+from lmmask.eval import floor, ngram
 
 BOS, PAD = 1, 0
 

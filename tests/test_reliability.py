@@ -20,9 +20,10 @@ import pytest
 from conftest import REPO, tiny_config
 
 from lmmask import checkpoint as ckpt
-from lmmask import evaluation, preempt, train
+from lmmask import preempt, train
 from lmmask import step as step_lib
 from lmmask.data import pipeline, verbs, verbs_source
+from lmmask.eval import evaluate as evaluation
 
 
 def _params_at(workdir, step=None, config=None):

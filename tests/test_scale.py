@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmmask import accumulate, losses, masks, packing, parallel
 from lmmask import config as config_lib
+from lmmask import losses, masks, parallel
 from lmmask import step as step_lib
 from lmmask.batching import batch_from_ids, pad_sequences
+from lmmask.data import packing
 from lmmask.model import Decoder, DecoderConfig
 
 V = 23
@@ -104,7 +105,7 @@ def test_accumulation_equals_one_batch(reduction):
   per_micro = [float(batch.loss_mask[i::4].sum()) for i in range(4)]
   assert max(per_micro) > 5 * min(per_micro)  # the split really is skewed
   gd, params = nnx.split(_model(), nnx.Param)
-  run = jax.jit(lambda p, b, s: accumulate.loss_and_grads(_logits_fn(gd), p, b,
+  run = jax.jit(lambda p, b, s: losses.loss_and_grads(_logits_fn(gd), p, b,
                                                           reduction=reduction, steps=s),
                 static_argnums=2)
   loss1, g1, m1 = run(params, batch, 1)
@@ -128,7 +129,7 @@ def test_accumulation_equals_one_batch(reduction):
 def test_accumulation_rejects_uneven_split():
   batch = batch_from_ids(_skewed_ids(np.random.default_rng(2), b=6), pad_id=PAD)
   with pytest.raises(ValueError, match="grad_accum_steps"):
-    accumulate.split_micro_batches(batch, 4)
+    losses.split_micro_batches(batch, 4)
 
 
 # ---------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def _assert_variants_equal(seed, variants, **model_kwargs):
   outs = []
   for kw in variants:
     gd, params = nnx.split(_model(**model_kwargs, **kw), nnx.Param)
-    f = jax.jit(lambda p: accumulate.loss_and_grads(_logits_fn(gd), p, b,
+    f = jax.jit(lambda p: losses.loss_and_grads(_logits_fn(gd), p, b,
                                                     reduction="token_mean")[:2])
     outs.append(f(params))
   for loss, g in outs[1:]:
@@ -439,7 +440,7 @@ def test_z_loss_inside_accumulated_objective():
 
   (ref_total, (ref_ce, ref_z)), ref_g = jax.jit(jax.value_and_grad(reference, has_aux=True))(
       params)
-  run = jax.jit(lambda p, s, c: accumulate.loss_and_grads(
+  run = jax.jit(lambda p, s, c: losses.loss_and_grads(
       _logits_fn(gd), p, batch, reduction=reduction, steps=s, z_loss=c), static_argnums=(1, 2))
   for steps in (1, 4):
     total, g, m = run(params, steps, coef)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from lmmask import batching, evaluation
+from lmmask import batching
 from lmmask.data import shards
 from lmmask.data import text as T
 from lmmask.data import tokenizer as K
+from lmmask.eval import evaluate as evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the cat dog sees eats runs a big small red blue house tree river "

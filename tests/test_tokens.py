@@ -7,8 +7,10 @@ import pytest
 from conftest import load_config, tiny_config
 
 from lmmask import config as config_lib
-from lmmask import eval_verbs, evaluation, train
+from lmmask import train
 from lmmask.data import verbs as V
+from lmmask.eval import generate
+from lmmask.eval import verbs as eval_verbs
 
 
 def _all_lines():
@@ -183,7 +185,7 @@ def test_char_run_trains_generates_and_keeps_exact_match(tmp_path):
   res = train.train_and_evaluate(c, wd)
   assert res["step"] == 6 and 0.0 <= res["val_exact_match"] <= 1.0
   assert res["baseline_val_loss"] > 0 and res["entropy_floor"] > 0
-  (prompt, out), = evaluation.generate_text(wd, ["yo miro /"])
+  (prompt, out), = generate.generate_text(wd, ["yo miro /"])
   assert prompt == "yo miro /" and isinstance(out, str)
 
 

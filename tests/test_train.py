@@ -10,10 +10,11 @@ import pytest
 from conftest import REPO, tiny_config
 
 from lmmask import config as config_lib
-from lmmask import evaluation, optim, train
+from lmmask import optim, train
 from lmmask import step as step_lib
 from lmmask.batching import make_batch
 from lmmask.data import pipeline, verbs
+from lmmask.eval import evaluate as evaluation
 
 
 def small_state(config=None, vocab_size=None):

@@ -32,11 +32,16 @@ import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmmask import audit, eval_verbs, losses, ngram, train  # noqa: E402
 from lmmask import config as config_lib
+from lmmask import losses, train  # noqa: E402
 from lmmask import step as step_lib  # noqa: E402
 from lmmask import workdir as workdir_lib  # noqa: E402
 from lmmask.data import pipeline, verbs_source  # noqa: E402
+from lmmask.eval import (
+  audit,  # noqa: E402
+  ngram,  # noqa: E402
+)
+from lmmask.eval import verbs as eval_verbs  # noqa: E402
 
 TINY = common.is_tiny()
 OUT = common.output_dir(HERE)  # REPORT.md, results.json, figures/

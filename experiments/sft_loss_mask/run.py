@@ -40,11 +40,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402  (experiments/common.py)
 
 from lmmask import config as config_lib
-from lmmask import eval_chat, train
 from lmmask import step as step_lib
+from lmmask import train
 from lmmask import workdir as workdir_lib
 from lmmask.batching import batch_from_ids
 from lmmask.data import prepare, shards, tokenizer
+from lmmask.eval import chat as eval_chat
 
 SEEDS = (0, 1, 2)
 

@@ -36,9 +36,11 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
 from lmmask import config as config_lib  # noqa: E402
-from lmmask import evaluation, interop, train  # noqa: E402
+from lmmask import train  # noqa: E402
 from lmmask import workdir as workdir_lib  # noqa: E402
 from lmmask.data import chat_jsonl, pretrained, shards  # noqa: E402
+from lmmask.eval import evaluate as evaluation  # noqa: E402
+from lmmask.interop import convert as interop  # noqa: E402
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PHRASINGS = ("what is {a} + {b}?", "compute {a} plus {b}.", "add {a} and {b}.",

@@ -16,8 +16,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-from lmmask import ngram, sweep  # noqa: E402
+from lmmask import sweep  # noqa: E402
 from lmmask.data import verbs  # noqa: E402
+from lmmask.eval import ngram  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = common.output_dir(HERE)

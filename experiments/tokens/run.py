@@ -25,8 +25,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 import common
 
 from lmmask import config as config_lib
-from lmmask import eval_verbs, ngram, seedvmap
+from lmmask import seedvmap
 from lmmask.data import verbs
+from lmmask.eval import ngram
+from lmmask.eval import verbs as eval_verbs
 
 TOKENS = verbs.TOKENIZATIONS
 SEEDS = (0, 1, 2)

@@ -24,8 +24,7 @@ import warnings
 
 import numpy as np
 
-from lmmask import hf_tokenizer
-from lmmask.data import prepare, pretrained, shards
+from lmmask.data import hf_tokenizer, prepare, pretrained, shards
 from lmmask.data.tokenizer import sha256_file
 
 TOKENIZER_FILES = (hf_tokenizer.TOKENIZER_FILE, hf_tokenizer.TOKENIZER_CONFIG_FILE,

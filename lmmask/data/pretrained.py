@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from lmmask import hf_tokenizer
+from lmmask.data import hf_tokenizer
 from lmmask.data.source import DataSource
 from lmmask.data.tokenizer import sha256_file
 

@@ -39,9 +39,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lmmask import hf_tokenizer
 from lmmask.batching import Batch, batch_from_ids
-from lmmask.data import pipeline, tokenizer
+from lmmask.data import hf_tokenizer, pipeline, tokenizer
 from lmmask.data.source import DataSource
 from lmmask.data.tokenizer import TOKENIZER_FILE, sha256_file
 

@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from lmmask import batching
-from lmmask import packing as packing_lib
+from lmmask.data import packing as packing_lib
 from lmmask.data import pipeline, shards, tokenizer
 from lmmask.data.source import DataSource
 from lmmask.data.tokenizer import TOKENIZER_FILE

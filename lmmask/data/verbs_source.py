@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lmmask import packing
-from lmmask.data import pipeline, verbs
+from lmmask.data import packing, pipeline, verbs
 from lmmask.data.source import DataSource
 
 
@@ -58,7 +57,7 @@ def splits(config):
 
 def train_batch(config, train_split, step: int, pad_id: int, rows=None):
   """The training batch of `step` (rows=(lo, hi): only those rows): several examples
-  per row with data.packing (lmmask/packing.py, first fit), else one padded example
+  per row with data.packing (data/packing.py, first fit), else one padded example
   per row."""
   d = config.data
   if d.packing:

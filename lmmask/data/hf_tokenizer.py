@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 
-from lmmask import chat_template
+from lmmask.data import chat_template
 from lmmask.data.tokenizer import tokenizers_module
 
 TOKENIZER_FILE = "tokenizer.json"

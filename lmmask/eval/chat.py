@@ -24,41 +24,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from lmmask import chat_template, decode, hf_tokenizer
-
-
-def is_chat(tok) -> bool:
-  return bool(getattr(tok, "role_id", None))
-
-
-def template_tokenizer(tok):
-  """The tokenizer as an `HFTokenizer` with a chat template, or None: a pretrained
-  model's own, or lmmask's chat tokenizer with `LMMASK_CHAT_TEMPLATE` (its role
-  tags), so every chat prompt is rendered by `chat_template` the same way."""
-  if isinstance(tok, hf_tokenizer.HFTokenizer):
-    return tok if tok.chat_template else None
-  if not is_chat(tok):
-    return None
-  if getattr(tok, "_as_template", None) is None:  # choose_pad_id renders probes: once
-    tok._as_template = hf_tokenizer.from_chat_tokenizer(tok)
-  return tok._as_template
-
-
-def chat_prompt(tok, text: str) -> list[int]:
-  """`text` as one user turn, then the generation prompt (lmmask's format: the
-  opening assistant tag), rendered with the tokenizer's chat template."""
-  t = template_tokenizer(tok)
-  if t is None:
-    raise ValueError("--chat needs a chat model: a workdir trained on chat shards or "
-                     "imported with a chat template; this one has neither: drop --chat")
-  ids, _ = chat_template.encode_chat(t, [{"role": "user", "content": text}],
-                                     add_generation_prompt=True)
-  return ids
-
-
-def end_of_turn_id(tok) -> int:
-  """The token that ends an assistant turn (generation stops there)."""
-  return chat_template.end_of_turn_id(template_tokenizer(tok))
+from lmmask import decode
+from lmmask.data import chat_template
+from lmmask.eval.generate import is_chat, template_tokenizer
 
 
 def assistant_turns(ids, tok):

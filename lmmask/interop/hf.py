@@ -1,6 +1,6 @@
 """Hugging Face checkpoints (and GGUF files) <-> lmmask Decoders, exactly.
 
-    from lmmask import hf
+    from lmmask.interop import hf
     model, tokenizer = hf.load("path/to/hf_dir_or_file.gguf")
     logits = model(ids, key_mask=ids != tokenizer.pad_id)   # float32 (B, T, vocab)
 
@@ -31,7 +31,8 @@ import warnings
 import numpy as np
 from flax import nnx
 
-from lmmask import gguf_io, hf_tokenizer
+from lmmask.data import hf_tokenizer
+from lmmask.interop import gguf as gguf_io
 from lmmask.model import Decoder, DecoderConfig
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -2,7 +2,7 @@
 
 Tensors are read and dequantised with the `gguf` package to float32 numpy arrays
 in Hugging Face layout ((out, in) for linear weights) under Hugging Face names,
-so `lmmask.hf` converts them like a safetensors checkpoint. llama.cpp's
+so `lmmask.interop.hf` converts them like a safetensors checkpoint. llama.cpp's
 converter permutes the q and k rows of the `llama` architecture for its rotary
 kernel; they are un-permuted here exactly as transformers does it (for the
 `llama` architecture only: `qwen2` files are stored unpermuted).
@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-from lmmask import hf_tokenizer
+from lmmask.data import hf_tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

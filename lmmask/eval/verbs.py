@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmmask import decode, losses, ngram
-from lmmask import floor as floor_lib
+from lmmask import decode, losses
 from lmmask import step as step_lib
 from lmmask.data import pipeline, verbs
+from lmmask.eval import floor as floor_lib
+from lmmask.eval import ngram
 
 DIRECTIONS = ("es_en", "en_es")
 
@@ -186,7 +187,7 @@ def length_buckets(state, split, *, pad_id: int, batch_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# The corpus's hooks (called through lmmask/evaluation.py).
+# The corpus's hooks (called through lmmask/eval/evaluate.py).
 
 def results_extras(config, state, data) -> dict:
   """n-gram baseline and (eval.exact_match_at_end) greedy exact match for results.json."""

@@ -9,12 +9,13 @@ entropy floor is computed for any corpus whose training set is small enough.
 """
 from __future__ import annotations
 
-import jax
-
-from lmmask import decode, eval_chat, eval_text, eval_verbs, hf_tokenizer, parallel
-from lmmask import floor as floor_lib
+from lmmask import parallel
 from lmmask import step as step_lib
 from lmmask import workdir as wd
+from lmmask.eval import chat as eval_chat
+from lmmask.eval import floor as floor_lib
+from lmmask.eval import text as eval_text
+from lmmask.eval import verbs as eval_verbs
 
 EXTRAS = {"verbs": eval_verbs, "text": eval_text, "shards": eval_chat}
 
@@ -88,53 +89,3 @@ def format_report(results: dict) -> str:
     else:
       text += f"\n  entropy floor: {extras.get('entropy_floor_reason')}"
   return text
-
-
-def prompt_ids(data, prompt: str, *, chat: bool = False) -> list[int]:
-  """A prompt's ids: <bos> + the workdir tokenizer's encoding (a pretrained
-  tokenizer: its own special tokens), or for chat models a user turn rendered with
-  the chat template and its generation prompt."""
-  tok = data.tokenizer
-  if tok is None:
-    raise ValueError("this workdir has no tokenizer (imported without one), so text "
-                     "prompts cannot be encoded; import a checkpoint that has a tokenizer")
-  if chat:
-    return eval_chat.chat_prompt(tok, prompt)
-  if isinstance(tok, hf_tokenizer.HFTokenizer):
-    ids = tok.encode(prompt, add_special_tokens=True)
-    if not ids:
-      raise ValueError(f"prompt {prompt!r} is empty after encoding; give some text")
-    return ids
-  text = prompt.strip()
-  bos = getattr(tok, "bos_token", "<bos>")
-  if text.startswith(bos):
-    text = text[len(bos):]
-  ids = tok.encode(text.strip())
-  if not ids:
-    raise ValueError(f"prompt {prompt!r} is empty after encoding; give some text, e.g. "
-                     f"'yo como /' for the verbs corpus")
-  return [tok.bos_id] + ids
-
-
-def generate_text(workdir: str, prompts, *, step=None, which: str = "latest",
-                  max_new_tokens: int | None = None, temperature: float = 0.0, top_k=None,
-                  top_p=None, seed: int = 0, chat: bool = False):
-  """[(prompt, completion)] from a workdir's checkpoint, encoded with its own tokenizer.
-  max_new_tokens=None: the run's eval.max_new_tokens (sized for its tokenization; a
-  character-level reply needs several times the word budget)."""
-  config, data, state, _ = wd.restore_state(workdir, which, step)
-  if max_new_tokens is None:
-    max_new_tokens = config.eval.max_new_tokens
-  tok = data.tokenizer
-  ids = [prompt_ids(data, p, chat=chat) for p in prompts]
-  stop = eval_chat.end_of_turn_id(tok) if chat else tok.eos_id
-  rng = jax.random.PRNGKey(seed) if temperature > 0 else None
-  gen = decode.generate(state, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, rng=rng, eos_id=stop, pad_id=tok.pad_id)
-  out = []
-  for p, toks in zip(prompts, gen.tokens):
-    text = tok.decode(decode.strip_after_eos(toks, eos_id=stop, pad_id=tok.pad_id))
-    if stop not in toks.tolist():
-      text += f"  [no end token within {max_new_tokens} tokens]"
-    out.append((p, text))
-  return out

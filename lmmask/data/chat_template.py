@@ -129,7 +129,7 @@ def encode_chat(tokenizer, messages, *, template: str | None = None,
                 add_generation_prompt: bool = False):
   """(ids, assistant_mask) lists for one conversation.
 
-  tokenizer: an `lmmask.hf_tokenizer.HFTokenizer` (or anything with `tok`,
+  tokenizer: an `lmmask.data.hf_tokenizer.HFTokenizer` (or anything with `tok`,
     `special_tokens` and `special_token_strings()`); template: default the
     tokenizer's own chat template. The mask is 1 on each assistant message's
     content and end-of-turn token. With add_generation_prompt (a prompt for

@@ -25,10 +25,10 @@ from flax import nnx
 
 from lmmask import checkpoint as ckpt
 from lmmask import config as config_lib
-from lmmask import hf, hf_tokenizer
 from lmmask import step as step_lib
 from lmmask import workdir as wd
-from lmmask.data import pretrained
+from lmmask.data import hf_tokenizer, pretrained
+from lmmask.interop import hf
 
 JINJA_FILE = "chat_template.jinja"
 
