@@ -93,7 +93,7 @@ def _from_dict(**changes):
 def _other_shape(ctx):
   other = tiny_config(**{"model.d_model": 48})
   state = step_lib.create_train_state(other, jax.random.PRNGKey(0),
-                                   vocab_size=len(verbs.build_vocab()))
+                                   vocab_size=len(verbs.build_vocab()), keys_are_prefix=True)
   ctx.watch = ctx.run_dir
   mngr = ckpt.manager(ctx.run_dir, ckpt.CKPT_DIR, 2, create=False)
   return lambda: ckpt.restore(mngr, None, state.checkpoint_tree())

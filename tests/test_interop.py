@@ -139,7 +139,7 @@ def test_sft_from_imported_then_eval_audit_export(imported, chats, tmp_path):
   data = registry.load(config, w)
   assert data.tokenizer.pad_token == "<|endoftext|>"
   # The SFT masks are the assistant turns (content + <|im_end|>), from the template.
-  toks, mask = data.info["train"].doc(0)
+  toks, mask = data.documents("train").doc(0)
   text = data.tokenizer.decode(toks[mask.astype(bool)], skip_special_tokens=False)
   assert text.endswith("<|im_end|>") and "plus" not in text
   for mode in ("eval", "audit"):

@@ -100,8 +100,8 @@ def _one_batch(corpus, side="left"):
 def _load(workdir, step=None, which="latest"):
   """(config, corpus, train split, val split, state, step) of a verbs workdir."""
   config, data, state, restored = workdir_lib.restore_state(workdir, which, step)
-  _, train_split, val_split = verbs_source.splits(config)
-  return config, data.info, train_split, val_split, state, restored
+  corpus, train_split, val_split = verbs_source.splits(config)
+  return config, corpus, train_split, val_split, state, restored
 
 
 def clear_probe_caches():

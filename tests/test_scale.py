@@ -9,7 +9,6 @@ from flax import nnx
 
 from lmmask import config as config_lib
 from lmmask import losses, masks, parallel
-from lmmask import step as step_lib
 from lmmask.batching import batch_from_ids, pad_sequences
 from lmmask.data import packing
 from lmmask.model import Decoder, DecoderConfig
@@ -456,19 +455,15 @@ def test_z_loss_inside_accumulated_objective():
              for a, c in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g0))) > 1e-4
 
 
-def test_packing_and_prefix_flags_per_corpus():
+def test_packing_flag_per_corpus():
+  # keys_are_prefix is each corpus's own promise: tests/test_registry.py checks it.
   from conftest import tiny_config
 
   c = tiny_config()
-  assert step_lib.keys_are_prefix(c)
   c.data.packing = True
-  assert not step_lib.keys_are_prefix(c)
   config_lib.validate(c)  # verbs packing is fine
   c.data.corpus = "text"
   config_lib.validate(c)  # and so is text's: one knob for both row policies
   c.data.corpus = "shards"
   with pytest.raises(ValueError, match="data.packing"):
     config_lib.validate(c)  # one whole document per row
-  c.data.corpus = "text"
-  c.data.packing = False
-  assert not step_lib.keys_are_prefix(c)  # only unpacked verbs/shards rows qualify

@@ -111,8 +111,7 @@ def val_loss_by_seen_target(state, corpus, val_split, batch_size):
 
 def evaluate_run(name, workdir, config):
   config_, data, state, step = workdir_lib.restore_state(workdir)
-  corpus = data.info
-  _, train_split, val_split = verbs_source.splits(config)
+  corpus, train_split, val_split = verbs_source.splits(config)
   pad, bs = corpus.vocab.pad_id, config.data.eval_batch_size
   out = {"step": step}
   sets = data.eval_sets()

@@ -73,17 +73,16 @@ def entropy_floor(sequences: Sequence[Sequence[int]]) -> float:
 class FloorMonitor:
   """Compares each full-train-set evaluation with the floor; alarms when below."""
 
-  def __init__(self, config, source, workdir: str | None = None):
-    """source: the verbs corpus (or a DataSource whose `info` is one). For corpora
-    without whole training sequences (e.g. text windows) the monitor is disabled."""
+  def __init__(self, config, data, workdir: str | None = None):
+    """data: the DataSource. The monitor is off unless its "train" eval set is its
+    training documents, whole (`DataSource.train_eval_whole`; text windows are not)."""
     self.tolerance = float(config.eval.floor_tolerance)
     if self.tolerance < 0:
       raise ValueError(f"config.eval.floor_tolerance must be >= 0, got {self.tolerance}")
-    info = getattr(source, "info", source)
-    examples = getattr(info, "train", None)
     self.floor = None
-    if examples and all(hasattr(e, "ids") for e in examples):
-      self.floor = entropy_floor([e.ids for e in examples])
+    if data.train_eval_whole:
+      train = data.documents("train")
+      self.floor = entropy_floor([train.doc(i)[0] for i in range(len(train))])
     self.first_alarm_step = None
     self.min_margin = math.inf
     self.last_checked_step = None

@@ -37,8 +37,7 @@ def _bucket(n: int) -> str:
 
 
 def _val_docs(data, cap: int):
-  val = data.info["val"]
-  val = getattr(val, "shards", val)  # text: the windows' documents
+  val = data.documents("val")
   n = len(val) if not cap else min(cap, len(val))
   return [list(map(int, val.doc(i)[0])) for i in range(n)]
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from lmmask import decode, losses
 from lmmask import step as step_lib
-from lmmask.data import pipeline, verbs
+from lmmask.data import pipeline, verbs, verbs_source
 from lmmask.eval import floor as floor_lib
 from lmmask.eval import ngram
 
@@ -191,7 +191,8 @@ def length_buckets(state, split, *, pad_id: int, batch_size: int) -> dict:
 
 def results_extras(config, state, data) -> dict:
   """n-gram baseline and (eval.exact_match_at_end) greedy exact match for results.json."""
-  corpus = data.info
+  del data  # the forms and their metadata come from the verbs corpus itself
+  corpus = verbs_source.corpus(config)
   out = dict(ngram.baseline_results(config, corpus))
   ev = config.eval
   if ev.exact_match_at_end:
@@ -205,8 +206,8 @@ def results_extras(config, state, data) -> dict:
 
 def checkpoint_extras(config, state, data, *, temperature=0.0, sample_seed=0) -> dict:
   """Everything `launch.py --mode=eval` adds for a verbs workdir."""
-  del temperature, sample_seed  # exact match is greedy by definition
-  corpus = data.info
+  del temperature, sample_seed, data  # exact match is greedy by definition
+  corpus = verbs_source.corpus(config)
   ev = config.eval
   pad = corpus.vocab.pad_id
   bs = config.data.eval_batch_size

@@ -89,7 +89,8 @@ def import_checkpoint(source: str, workdir: str, *, max_len: int | None = None) 
           f.write(ck.chat_template)
     data = pretrained.source(config, tmp)
     state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                        vocab_size=data.vocab_size)
+                                        vocab_size=data.vocab_size,
+                                        keys_are_prefix=data.keys_are_prefix)
     params = state.params
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, ck.params))
     state = state.replace(params=params, opt_state=state.tx.init(params))
