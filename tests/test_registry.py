@@ -39,14 +39,9 @@ def batch_hash(b) -> str:
 
 
 def upgrade(cfg: dict) -> dict:
-  """What the config upgrade does for configs saved before data.packing named the
-  text corpus's packing too."""
-  d = cfg["data"]
-  if "pack" in d:
-    d["packing"] = d.pop("pack")
-  return cfg
-
-
+  """A saved config as every reader sees it (`config.upgrade`: data.pack is now
+  data.packing, fields added since are filled)."""
+  return config_lib.to_dict(config_lib.upgrade(cfg))
 
 
 def _json(path):
@@ -55,7 +50,7 @@ def _json(path):
 
 
 def pinned_cases(tmp, legacy_root):
-  verbs = _json(os.path.join(PINNED, "verbs_config.json"))
+  verbs = upgrade(_json(os.path.join(PINNED, "verbs_config.json")))
   text = upgrade(_json(os.path.join(PINNED, "text_config.json")))
   packed = json.loads(json.dumps(verbs))
   packed["data"]["packing"] = True
@@ -67,7 +62,7 @@ def pinned_cases(tmp, legacy_root):
          "legacy_text": (upgrade(_json(os.path.join(legacy_root, "text", "config.json"))),
                          os.path.join(legacy_root, "text"))}
   for name in ("chat_sft", "chat_base"):
-    out[name] = (_json(os.path.join(legacy_root, name, "config.json")), None)
+    out[name] = (upgrade(_json(os.path.join(legacy_root, name, "config.json"))), None)
   return out
 
 

@@ -253,6 +253,19 @@ def _key_masks(rng, b=5, t=9, side="right"):
   return km
 
 
+def structure_to_mask(structure, t: int) -> np.ndarray:
+  """The dense bool (B, 1, T, T) mask an AttentionStructure stands for, in numpy."""
+  mask = np.ones((1, 1, t, t), bool)
+  if structure.is_causal:
+    mask = mask & np.tril(np.ones((t, t), bool))
+  if structure.key_value_seq_lengths is not None:
+    lengths = np.asarray(structure.key_value_seq_lengths)
+    mask = mask & (np.arange(t)[None, :] < lengths[:, None])[:, None, None, :]
+  if structure.mask is not None:
+    mask = mask & np.asarray(structure.mask)
+  return mask
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_structure_equals_boolean_mask(causal):
   rng = np.random.default_rng(5)
@@ -260,18 +273,18 @@ def test_attention_structure_equals_boolean_mask(causal):
   dense = np.asarray(masks.attention_mask(km, causal=causal))
   for prefix in (True, False):
     st = masks.attention_structure(km, causal=causal, keys_are_prefix=prefix)
-    np.testing.assert_array_equal(np.asarray(masks.structure_to_mask(st, 9)), dense)
+    np.testing.assert_array_equal(np.asarray(structure_to_mask(st, 9)), dense)
   seg = np.where(km, 1 + (np.arange(9)[None] >= 4), 0)
   dense_seg = np.asarray(masks.attention_mask(km, segment_ids=seg, causal=causal))
   st = masks.attention_structure(km, segment_ids=seg, causal=causal)
-  np.testing.assert_array_equal(np.asarray(masks.structure_to_mask(st, 9)), dense_seg)
+  np.testing.assert_array_equal(np.asarray(structure_to_mask(st, 9)), dense_seg)
   for s, d in ((None, dense), (seg, dense_seg)):
     np.testing.assert_array_equal(np.asarray(masks.rows_with_key(km, segment_ids=s, causal=causal)),
                                   d.any(-1, keepdims=True).astype(np.float32))
   # Planted bug: left-padded keys sent as lengths (the promise broken) is wrong.
   kl = _key_masks(rng, side="left")
   bad = masks.attention_structure(kl, causal=causal, keys_are_prefix=True)
-  assert (np.asarray(masks.structure_to_mask(bad, 9)) !=
+  assert (np.asarray(structure_to_mask(bad, 9)) !=
           np.asarray(masks.attention_mask(kl, causal=causal))).any()
 
 

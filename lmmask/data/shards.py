@@ -376,18 +376,6 @@ class ShardLoader:
     rows=(lo, hi) builds only those rows of it."""
     return self.rows(self.doc_ids(step)[slice(*(rows or (None, None)))])
 
-  def position(self, step: int) -> dict:
-    """Where step ``step`` reads: epoch and offset into that epoch's shuffle."""
-    epoch, offset = divmod(step * self.batch_size, len(self.split))
-    return {"step": int(step), "epoch": int(epoch), "offset": int(offset)}
-
-  def iterate(self, start_step: int = 0):
-    """Endless batches from ``start_step`` on (a resumed run passes its restored step)."""
-    step = start_step
-    while True:
-      yield self.batch(step)
-      step += 1
-
   def eval_batches(self, batch_size: int, max_docs: int | None = None):
     """Fixed-shape batches covering the first ``max_docs`` documents once; the last
     one is filled with pad rows, which count nothing."""

@@ -148,10 +148,6 @@ class TextSplit:
   def __len__(self):
     return len(self.rows)
 
-  @property
-  def num_targets(self) -> int:
-    return int((self.windows[:, 2] - 1).sum())
-
   def window(self, w: int):
     """(tokens, mask) of window `w`; the mask is all ones where the shards have none."""
     toks, mask = self.shards.doc(*(int(v) for v in self.windows[w]))

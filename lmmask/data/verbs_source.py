@@ -67,9 +67,7 @@ def corpus(config) -> verbs.VerbCorpus:
   if d.split not in verbs.SPLIT_POLICIES and "random" not in str(d.split):
     raise ValueError(f"config.data.split: unknown split {d.split!r}; valid: "
                      f"{', '.join(verbs.SPLIT_POLICIES)}")
-  # .get: a config dict saved before data.tokens existed meant word tokens
-  return verbs.build_corpus(d.split, include_lexicon=d.include_lexicon,
-                            tokens=d.get("tokens", "word"))
+  return verbs.build_corpus(d.split, include_lexicon=d.include_lexicon, tokens=d.tokens)
 
 
 def splits(config):
@@ -115,9 +113,8 @@ def source(config, workdir: str | None = None) -> DataSource:
   # Exactly what model.json has always recorded for this corpus; character tokens
   # say so, so a word-token base run is never fine-tuned with character ids.
   identity = {"kind": type(c).__name__, "tokenizer_sha256": None}
-  tokens = config.data.get("tokens", "word")
-  if tokens != "word":
-    identity["tokens"] = tokens
+  if config.data.tokens != "word":
+    identity["tokens"] = config.data.tokens
   docs = {"train": ExampleDocuments(c.train), "val": ExampleDocuments(c.val)}
 
   def documents(split: str) -> ExampleDocuments:

@@ -17,7 +17,11 @@ from lmmask.eval import floor as floor_lib
 from lmmask.eval import text as eval_text
 from lmmask.eval import verbs as eval_verbs
 
+# Each module has checkpoint_extras (--mode=eval) and format_extras (their text).
 EXTRAS = {"verbs": eval_verbs, "text": eval_text, "shards": eval_chat}
+# End-of-run keys of results.json beyond the eval sets' (text adds none: its extras
+# generate text, worth the time only when asked for).
+RESULTS_EXTRAS = {"verbs": eval_verbs.results_extras, "shards": eval_chat.results_extras}
 
 
 def _extras(data):
@@ -39,9 +43,8 @@ def results_extras(config, state, data, floor_monitor, results) -> dict:
   """Extra keys for results.json: floor alarm and the corpus's own end-of-run extras."""
   floor_monitor.final_check(results["step"], results)  # covers a resume with no new steps
   out = dict(floor_monitor.results())
-  module = _extras(data)
-  if module is not None:
-    out.update(module.results_extras(config, host_state(state), data))
+  if data.name in RESULTS_EXTRAS:
+    out.update(RESULTS_EXTRAS[data.name](config, host_state(state), data))
   return out
 
 

@@ -11,7 +11,8 @@ least the floor. A value below it means the model saw the future.
 
 A single batch may dip below the floor, and seq_mean or sum losses are on other
 scales; the alarm therefore uses the token-mean evaluation of the full training
-set that `train.run_evals` computes (``train_loss``).
+set that `step.run_evals` computes (``train_loss``), when that set is the training
+documents, whole (`DataSource.train_eval_whole`).
 """
 from __future__ import annotations
 

@@ -77,11 +77,6 @@ def continuations(state, docs, tok, *, prompt_tokens: int, max_new: int, num: in
   return out
 
 
-def results_extras(config, state, data) -> dict:
-  del config, state, data  # the loop's eval sets already give the val loss
-  return {}
-
-
 def checkpoint_extras(config, state, data, *, temperature=0.0, sample_seed=0) -> dict:
   d, ev = config.data, config.eval
   docs = _val_docs(data, d.max_eval_batches * d.eval_batch_size)

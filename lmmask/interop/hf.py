@@ -334,13 +334,6 @@ def _flatten(d, prefix=()):
       yield prefix + (k,), v
 
 
-def params_of(model: Decoder) -> dict:
-  """The pure-dict params of a Decoder as float32 numpy arrays."""
-  import jax
-  return jax.tree.map(lambda x: np.asarray(x, np.float32),
-                      nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
 def load(path: str, *, max_len: int | None = None, pad_token: str | None = None):
   """(Decoder, HFTokenizer | None) from a Hugging Face directory or a .gguf file."""
   ck = read(path, max_len=max_len, pad_token=pad_token)
