@@ -79,7 +79,7 @@ def test_token_weights_all_zero_mask_is_zero():
 # Gradient accumulation (1 device): skewed micro-batches equal one batch.
 
 def _model(**kw):
-  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16, **kw)
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16, **kw)
   return Decoder(cfg, rngs=nnx.Rngs(params=jax.random.PRNGKey(1)))
 
 
@@ -343,7 +343,7 @@ def test_remat_and_scan_equal_plain_in_value_and_gradient():
 
 def test_decoder_config_rejects_unknown_attention():
   with pytest.raises(ValueError, match="attention must be one of"):
-    DecoderConfig(vocab_size=5, attention="flash")
+    DecoderConfig(vocab_size=5, dropout=0.0, attention="flash")
 
 
 # ---------------------------------------------------------------------------
@@ -380,8 +380,8 @@ def test_distributed_config_errors():
   assert parallel.initialize_distributed(ConfigDict({"mode": "off"})) is False
   with pytest.raises(ValueError, match="off | auto | manual"):
     parallel.initialize_distributed(ConfigDict({"mode": "slurm"}))
-  c = ConfigDict({"mode": "manual", "coordinator_address": None, "num_processes": 2,
-                  "process_id": 0}, convert_dict=True)
+  c = config_lib.defaults().distributed
+  c.mode, c.num_processes, c.process_id = "manual", 2, 0
   with pytest.raises(ValueError, match="coordinator_address"):
     parallel.initialize_distributed(c)
 

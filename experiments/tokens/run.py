@@ -59,7 +59,8 @@ def final_extras(config, state, data):
                                      "frame_match", "over_regularised", "over_regularisable")}
   train_forms = [e for e in corpus.train if e.kind == "form"][::4]
   out["train_exact_match"] = eval_verbs.exact_match(
-      state, corpus, examples=train_forms, max_new_tokens=config.eval.max_new_tokens,
+      state, corpus, examples=train_forms, direction="es_en",
+      max_new_tokens=config.eval.max_new_tokens,
       num_examples=0)["exact_match"]
   out["rows"] = [{k: r[k] for k in ("prompt", "reference", "completion", "correct", "regular",
                                     "verb", "tense", "person", "over_regularised",

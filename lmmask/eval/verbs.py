@@ -37,10 +37,11 @@ def _sides(example):
   return spanish, english
 
 
-def exact_match(state, corpus, *, direction: str = "es_en", max_new_tokens: int = 8,
-                num_examples: int = 12, examples=None, temperature: float = 0.0,
-                rng=None) -> dict:
-  """Greedy (or sampled) completions of the held-out forms, scored by exact match."""
+def exact_match(state, corpus, *, direction: str, max_new_tokens: int, num_examples: int,
+                examples=None, temperature: float = 0.0, rng=None) -> dict:
+  """Greedy (or sampled with `rng`) completions of the held-out forms (or of
+  `examples`), scored by exact match. direction, max_new_tokens, num_examples: the
+  config's eval.direction, eval.max_new_tokens, eval.num_examples (0: results only)."""
   if direction not in DIRECTIONS:
     raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
   vocab = corpus.vocab
@@ -213,7 +214,8 @@ def checkpoint_extras(config, state, data, *, temperature=0.0, sample_seed=0) ->
   bs = config.data.eval_batch_size
   kw = dict(length=config.data.length, pad_id=pad, pad_side=config.data.pad_side)
   val_split = pipeline.pad_split(corpus.val, **kw)
-  out = {"entropy_floor": floor_lib.entropy_floor([e.ids for e in corpus.train])}
+  out = {"entropy_floor": floor_lib.entropy_floor([e.ids for e in corpus.train]),
+         "floor_tolerance": ev.floor_tolerance}
   out.update(ngram.baseline_results(config, corpus))
   out["char_counts"] = char_counts(corpus)
   out["val_by_length"] = length_buckets(state, val_split, pad_id=pad, batch_size=bs)
@@ -250,7 +252,8 @@ def format_extras(metrics: dict, extras: dict) -> str:
     note = ""
     if tl is not None:
       note = ("   BELOW THE FLOOR: the model sees the future" if tl < extras["entropy_floor"]
-              - 0.01 else "   (train_loss - floor = %.4f)" % (tl - extras["entropy_floor"]))
+              - extras["floor_tolerance"] else
+              "   (train_loss - floor = %.4f)" % (tl - extras["entropy_floor"]))
     lines.append(f"  entropy floor (train) {extras['entropy_floor']:.4f}{note}")
   if "val_inference_mode_loss" in extras:
     lines.append(f"  val loss, each prefix recomputed (inference mode): "
