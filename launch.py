@@ -19,7 +19,7 @@ import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
 from lmmask import cluster, multiprocess, parallel, sweep, train
 from lmmask import workdir as workdir_lib
@@ -140,9 +140,10 @@ def _join_launcher():
   """A child of --processes in a mode that reads a saved config (eval, generate, audit):
   the launcher's environment says how to join the run."""
   if "LMMASK_NUM_PROCESSES" in os.environ and _MODE.value != "train":
-    parallel.initialize_distributed(ConfigDict({
-        "mode": "manual", "coordinator_address": None, "num_processes": None,
-        "process_id": None}))
+    dist = workdir_lib.load_config(_WORKDIR.value).distributed  # the run's own timeouts
+    dist.mode = "manual"
+    dist.coordinator_address = dist.num_processes = dist.process_id = None  # from the env
+    parallel.initialize_distributed(dist)
 
 
 def _need_config(mode):

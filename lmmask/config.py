@@ -395,6 +395,8 @@ def validate(config) -> None:
   need(m.d_model % m.n_heads == 0, "model.d_model",
        f"{m.d_model} is not divisible by model.n_heads={m.n_heads}; make d_model a multiple "
        f"of n_heads (e.g. {m.n_heads * max(1, m.d_model // m.n_heads)}) or change n_heads")
+  for f in ("remat", "scan_layers"):  # the Decoder cannot thread dropout keys through them
+    need(not (m[f] and m.dropout > 0), f"model.{f}", f"True needs model.dropout=0 (is {m.dropout}) or model.{f}=False")
   need(m.max_len >= d.length - 1, "model.max_len",
        f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
   need(config.loss.reduction in losses.REDUCTIONS, "loss.reduction",

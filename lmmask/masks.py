@@ -135,19 +135,6 @@ def attention_structure(key_mask, *, segment_ids=None, causal: bool = True,
   return AttentionStructure(bool(causal), None, key_padding_mask(key_mask))
 
 
-def structure_to_mask(structure: AttentionStructure, t: int) -> jnp.ndarray:
-  """Expand an AttentionStructure back to the dense bool (B, 1, T, T) mask it means."""
-  mask = jnp.ones((1, 1, t, t), bool)
-  if structure.is_causal:
-    mask = mask & causal_mask(t)
-  if structure.key_value_seq_lengths is not None:
-    lengths = jnp.asarray(structure.key_value_seq_lengths)
-    mask = mask & (jnp.arange(t)[None, :] < lengths[:, None])[:, None, None, :]
-  if structure.mask is not None:
-    mask = mask & structure.mask
-  return mask
-
-
 def rows_with_key(key_mask, *, segment_ids=None, causal: bool = True) -> jnp.ndarray:
   """Float (B, 1, T, 1): 1 where the query row of ``attention_mask`` allows some key.
 

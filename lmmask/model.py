@@ -49,12 +49,12 @@ HONOURS_SEGMENTS = ("einsum", "xla", "cudnn")
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   vocab_size: int
+  dropout: float                  # model.dropout of the config (decoder_config); no default here
   d_model: int = 64
   n_layers: int = 2
   n_heads: int = 4
   d_ff: int = 192
   max_len: int = 16
-  dropout: float = 0.0
   dtype: str = "float32"          # compute dtype of activations; params, logits of
                                   # attention, softmax and loss stay float32
   gelu_approximate: bool = False  # False: exact erf GELU; True: tanh approximation

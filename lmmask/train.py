@@ -108,7 +108,8 @@ def _open_workdir(config, workdir: str, cfg_dict: dict, writer: bool):
   if config.train.init_from:  # checked before anything is written into the workdir
     base_cfg = wd.check_init_from(config, workdir, data)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                      vocab_size=data.vocab_size)
+                                      vocab_size=data.vocab_size,
+                                      keys_are_prefix=data.keys_are_prefix)
   eval_sets = data.eval_sets()
   floor_monitor = floor_lib.FloorMonitor(config, data, workdir)
   if writer:

@@ -93,7 +93,7 @@ def _from_dict(**changes):
 def _other_shape(ctx):
   other = tiny_config(**{"model.d_model": 48})
   state = step_lib.create_train_state(other, jax.random.PRNGKey(0),
-                                   vocab_size=len(verbs.build_vocab()))
+                                   vocab_size=len(verbs.build_vocab()), keys_are_prefix=True)
   ctx.watch = ctx.run_dir
   mngr = ckpt.manager(ctx.run_dir, ckpt.CKPT_DIR, 2, create=False)
   return lambda: ckpt.restore(mngr, None, state.checkpoint_tree())
@@ -172,7 +172,7 @@ def _decoder_too_long(ctx):
   from flax import nnx
 
   from lmmask.model import Decoder, DecoderConfig
-  model = Decoder(DecoderConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, d_ff=16,
+  model = Decoder(DecoderConfig(vocab_size=20, dropout=0.0, d_model=8, n_layers=1, n_heads=2, d_ff=16,
                                 max_len=4), rngs=nnx.Rngs(0))
   return lambda: model(np.zeros((1, 6), np.int32))
 
