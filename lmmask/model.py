@@ -413,6 +413,23 @@ class Decoder(nnx.Module):
     return logits
 
 
+def prefix_forward(model: Decoder, inputs, *, key_mask, causal: bool, positions=None,
+                   segment_ids=None, upto=None, **kw):
+  """The one forward of token ids: logits (B, T, V) of `model` on `inputs`.
+
+  `step.forward` (training, evaluation), `decode` (generation without a KV cache) and
+  the verbs inference-mode loss all go through here, so they see the same masks.
+  upto: None, or a column (may be traced): every key after it is hidden
+  (`masks.keys_up_to`), so column `upto` is predicted from its prefix alone, as at
+  inference, even for a model trained without the causal mask.
+  Other keywords go to `Decoder.__call__`.
+  """
+  if upto is not None:
+    key_mask = masks.keys_up_to(key_mask, upto)
+  return model(inputs, key_mask=key_mask, positions=positions, segment_ids=segment_ids,
+               causal=causal, **kw)
+
+
 def _remat_block(block, x, bias, has_key, head_mask, deterministic, positions):
   """block(...) with its activations recomputed in the backward pass."""
   if block.cfg.dropout > 0 and not deterministic:

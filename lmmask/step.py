@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lmmask import losses, optim, parallel
+from lmmask import model as model_lib
 from lmmask.batching import Batch
 from lmmask.config import decoder_config
 from lmmask.model import Decoder
@@ -123,16 +124,18 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
 # The forward and the steps.
 
 def forward(state: TrainState, params, batch: Batch, *, deterministic: bool = True, rng=None,
-            return_attention: bool = False):
-  """Logits (B, T, V) of `batch` under `params`, masked as training masks it."""
+            return_attention: bool = False, upto=None):
+  """Logits (B, T, V) of `batch` under `params`, masked as training masks it.
+  upto: hide every key after this column (`model.prefix_forward`)."""
   model = nnx.merge(state.graphdef, params)
   rngs = None if deterministic else nnx.Rngs(dropout=rng)
   prefix = state.options.keys_are_prefix
   # Unpacked batches have segment_ids == key_mask: dropping them changes nothing.
-  return model(batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
-               segment_ids=None if prefix else batch.segment_ids,
-               causal=state.options.causal, deterministic=deterministic, rngs=rngs,
-               keys_are_prefix=prefix, return_attention=return_attention)
+  return model_lib.prefix_forward(
+      model, batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
+      segment_ids=None if prefix else batch.segment_ids, causal=state.options.causal,
+      upto=upto, deterministic=deterministic, rngs=rngs, keys_are_prefix=prefix,
+      return_attention=return_attention)
 
 
 def train_step(state: TrainState, batch: Batch):

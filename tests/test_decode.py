@@ -64,7 +64,7 @@ def test_planted_top_left_causal_mask_breaks_parity(model, monkeypatch):
 
   def clear():  # the jitted cache steps traced the real mask; drop their compiled code
     decode._prefill.clear_cache()
-    decode._step_cached.clear_cache()
+    decode._decode_loop.clear_cache()
 
   clear()
   monkeypatch.setattr(masks, "causal_mask", top_left)
