@@ -315,7 +315,11 @@ def _stop_array(eos_id, stop_ids, vocab_size):
     if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
       raise ValueError(f"eos_id and stop_ids must be token ids in [0, {vocab_size}), got "
                        f"{t!r}")
-  return jnp.asarray(sorted(set(int(t) for t in stops)), jnp.int32).reshape(-1)
+  stops = sorted(set(int(t) for t in stops))
+  # Padded with -1 (never a token) to a multiple of 4, so eos_id=None, one eos and a
+  # few stop ids share one compiled loop.
+  width = max(4, -(-len(stops) // 4) * 4)
+  return jnp.asarray(stops + [-1] * (width - len(stops)), jnp.int32)
 
 
 def generate(state_or_model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
