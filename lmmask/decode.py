@@ -294,18 +294,18 @@ def left_pad_prompts(prompts, *, pad_id: int, multiple: int = 1) -> np.ndarray:
   return out
 
 
-def _inference_weights(graphdef, params, cfg, weights_dtype):
-  """(graphdef, params) with params cast to `weights_dtype` and the model computing in
-  it (half the bytes a decoding step reads for bfloat16); None: as stored."""
-  if weights_dtype is None:
-    return graphdef, params
-  if weights_dtype not in model_lib._DTYPES:
+def cast_weights(state_or_model, dtype: str) -> model_lib.Decoder:
+  """The model with its weights cast to `dtype` and computing in it: "bfloat16"
+  halves the bytes a decoding step reads. Cast once and pass the result to
+  `generate` (its `weights_dtype` argument casts on every call)."""
+  graphdef, params, _, cfg = _unpack(state_or_model, None)
+  if dtype not in model_lib._DTYPES:
     raise ValueError(f"weights_dtype must be None or one of {sorted(model_lib._DTYPES)}, "
-                     f"got {weights_dtype!r}")
-  new_cfg = dataclasses.replace(cfg, dtype=weights_dtype)
+                     f"got {dtype!r}")
+  new_cfg = dataclasses.replace(cfg, dtype=dtype)
   graphdef = nnx.split(nnx.eval_shape(lambda: model_lib.Decoder(new_cfg, rngs=nnx.Rngs(0))))[0]
-  dt = model_lib._DTYPES[weights_dtype]
-  return graphdef, jax.tree.map(lambda x: x.astype(dt), params)
+  dt = model_lib._DTYPES[dtype]
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dt), params))
 
 
 def _stop_array(eos_id, stop_ids, vocab_size):
@@ -347,7 +347,8 @@ def generate(state_or_model, prompts, *, max_new_tokens: int, temperature: float
       None: the cache for causal models, recompute for non-causal ones.
     return_logits: also return the (B, N, V) logits each token was chosen from.
     weights_dtype: None (the weights as stored) or "bfloat16" / "float32": cast the
-      weights and compute in that dtype (attention softmax and logits stay float32).
+      weights and compute in that dtype (attention softmax and logits stay float32);
+      see `cast_weights` to cast once for many calls.
   """
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -380,7 +381,8 @@ def generate(state_or_model, prompts, *, max_new_tokens: int, temperature: float
     raise ValueError(f"a prompt of {int(n_real.max())} tokens plus max_new_tokens="
                      f"{max_new_tokens} needs positions beyond the model's max_len="
                      f"{cfg.max_len}; lower max_new_tokens")
-  graphdef, params = _inference_weights(graphdef, params, cfg, weights_dtype)
+  if weights_dtype is not None:
+    graphdef, params = nnx.split(cast_weights(nnx.merge(graphdef, params), weights_dtype))
   positions = np.maximum(np.cumsum(prompt_mask, axis=1) - 1, 0).astype(np.int32)
   # Budgets are rounded up to a multiple of 8 (more cache slots, never keys: no logit
   # changes), so nearby budgets share one compiled loop.
