@@ -351,7 +351,7 @@ class Decoder(nnx.Module):
   def __call__(self, inputs, *, key_mask=None, positions=None, segment_ids=None,
                head_mask=None, causal: bool = True, return_attention: bool = False,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               keys_are_prefix: bool = False):
+               keys_are_prefix: bool = False, apply_head: bool = True):
     """inputs (B, T) int -> logits (B, T, V) float32 [, list of (B, H, T, T) probs].
 
     key_mask: (B, T) True on real tokens (default: all real).
@@ -361,6 +361,8 @@ class Decoder(nnx.Module):
     deterministic / rngs: dropout off, or on with ``rngs.dropout``.
     keys_are_prefix: static promise that real keys are a prefix of each row (right
       padding, no packing); lets the fused attention paths use sequence lengths.
+    apply_head: False returns the final residual stream (B, T, d_model) instead of
+      the logits, for a loss that applies `logits` a chunk at a time.
     """
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be (B, T) token ids, got shape {inputs.shape}")
@@ -407,6 +409,8 @@ class Decoder(nnx.Module):
           x, probs = block(x, bias, has_key, hm, deterministic, rngs, positions)
         if return_attention:
           all_probs.append(probs)
+    if not apply_head:
+      return x
     logits = self.logits(x)
     if return_attention:
       return logits, all_probs
