@@ -116,6 +116,8 @@ def defaults() -> ConfigDict:
   c.loss.reduction = "token_mean"       # token_mean | seq_mean | seq_mean_of_means | sum
   c.loss.z_loss = 0.0                   # z-loss coefficient (t5x: 1e-4); 0 disables; logged
                                         # as `z_loss`, never part of the reported loss/PPL
+  c.loss.logits_chunk = 0               # >0: training loss over chunks of this many positions,
+                                        # float32 (B,T,V) logits never whole (memory); 0: one pass
 
   c.optim = o = ConfigDict()
   o.name = "adamw"                      # adamw | sgd
@@ -403,6 +405,8 @@ def validate(config) -> None:
        f"unknown reduction {config.loss.reduction!r}; valid: {', '.join(losses.REDUCTIONS)}")
   need(config.loss.z_loss >= 0, "loss.z_loss", f"must be >= 0 (0 disables), got "
        f"{config.loss.z_loss}")
+  need(_is_int(config.loss.logits_chunk) and config.loss.logits_chunk >= 0, "loss.logits_chunk",
+       f"must be an int >= 0 (0 = one pass), got {config.loss.logits_chunk!r}")
   need(_is_num(o.lr) and o.lr > 0, "optim.lr", f"must be a number > 0, got {o.lr!r}")
   need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   need(o.decay_steps > o.warmup_steps, "optim.decay_steps",

@@ -46,6 +46,19 @@ def key_padding_mask(key_mask) -> jnp.ndarray:
   return key_mask.astype(bool)[:, None, None, :]
 
 
+def keys_up_to(key_mask, last) -> jnp.ndarray:
+  """(B, T) key mask with every key after column `last` hidden (`last` may be traced).
+
+  Column `last` then sees its prefix alone, whatever the model's attention mask: the
+  view of a model run on a sequence that ends there (inference mode, decoding
+  without a cache).
+  """
+  key_mask = jnp.asarray(key_mask)
+  if key_mask.ndim != 2:
+    raise ValueError(f"key_mask must be (B, T), got shape {key_mask.shape}")
+  return key_mask.astype(bool) & (jnp.arange(key_mask.shape[1])[None, :] <= last)
+
+
 def segment_mask(segment_ids) -> jnp.ndarray:
   """Bool (B, 1, T, T): query and key in the same segment, key not padding (id 0)."""
   seg = jnp.asarray(segment_ids)

@@ -351,7 +351,7 @@ class Decoder(nnx.Module):
   def __call__(self, inputs, *, key_mask=None, positions=None, segment_ids=None,
                head_mask=None, causal: bool = True, return_attention: bool = False,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               keys_are_prefix: bool = False):
+               keys_are_prefix: bool = False, apply_head: bool = True):
     """inputs (B, T) int -> logits (B, T, V) float32 [, list of (B, H, T, T) probs].
 
     key_mask: (B, T) True on real tokens (default: all real).
@@ -361,6 +361,8 @@ class Decoder(nnx.Module):
     deterministic / rngs: dropout off, or on with ``rngs.dropout``.
     keys_are_prefix: static promise that real keys are a prefix of each row (right
       padding, no packing); lets the fused attention paths use sequence lengths.
+    apply_head: False returns the final residual stream (B, T, d_model) instead of
+      the logits, for a loss that applies `logits` a chunk at a time.
     """
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be (B, T) token ids, got shape {inputs.shape}")
@@ -407,10 +409,29 @@ class Decoder(nnx.Module):
           x, probs = block(x, bias, has_key, hm, deterministic, rngs, positions)
         if return_attention:
           all_probs.append(probs)
+    if not apply_head:
+      return x
     logits = self.logits(x)
     if return_attention:
       return logits, all_probs
     return logits
+
+
+def prefix_forward(model: Decoder, inputs, *, key_mask, causal: bool, positions=None,
+                   segment_ids=None, upto=None, **kw):
+  """The one forward of token ids: logits (B, T, V) of `model` on `inputs`.
+
+  `step.forward` (training, evaluation), `decode` (generation without a KV cache) and
+  the verbs inference-mode loss all go through here, so they see the same masks.
+  upto: None, or a column (may be traced): every key after it is hidden
+  (`masks.keys_up_to`), so column `upto` is predicted from its prefix alone, as at
+  inference, even for a model trained without the causal mask.
+  Other keywords go to `Decoder.__call__`.
+  """
+  if upto is not None:
+    key_mask = masks.keys_up_to(key_mask, upto)
+  return model(inputs, key_mask=key_mask, positions=positions, segment_ids=segment_ids,
+               causal=causal, **kw)
 
 
 def _remat_block(block, x, bias, has_key, head_mask, deterministic, positions):

@@ -148,3 +148,21 @@ def test_apply_head_mask_shapes_and_values():
       np.testing.assert_allclose(got2[b, h], probs[b, h] * hm2[b, h])
   with pytest.raises(ValueError, match="head_mask must have shape"):
     masks.apply_head_mask(probs, np.ones(4))
+
+
+def loop_keys_up_to(key_mask, last):
+  km = np.asarray(key_mask, bool)
+  return np.array([[bool(km[b, j]) and j <= last for j in range(km.shape[1])]
+                   for b in range(km.shape[0])])
+
+
+def test_keys_up_to_matches_loop_and_an_off_by_one_twin_fails():
+  rng = np.random.default_rng(3)
+  km = rng.random((3, 9)) > 0.3
+  for last in range(9):
+    want = loop_keys_up_to(km, last)
+    np.testing.assert_array_equal(np.asarray(masks.keys_up_to(jnp.asarray(km), last)), want)
+    twin = km & (np.arange(9)[None, :] < last)  # hides column `last` itself
+    assert (twin != want).any() or not km[:, last].any()
+  with pytest.raises(ValueError, match=r"\(B, T\)"):
+    masks.keys_up_to(jnp.ones((9,), bool), 3)
