@@ -2,11 +2,16 @@
 interpret mode, against the einsum reference: the segment-id form of the mask,
 forward and gradients, a whole decoder with rope and grouped heads, the leak test
 for every attention path, and a short packed training run."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from flax import nnx
 
 from lmmask import masks
@@ -245,3 +250,24 @@ def test_packed_training_run_matches_einsum():
   for impl in KERNELS:
     got = _losses(impl, batches)
     assert np.abs(got - ref).max() < 1e-4, (impl, np.abs(got - ref).max())
+
+
+# ---------------------------------------------------------------------------
+# Under the data x fsdp mesh: the kernels run per shard, the exact token-mean loss holds.
+
+@pytest.mark.slow
+def test_kernels_under_the_mesh_keep_the_exact_loss():
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, os.path.join(here, "kernel_mesh_worker.py")], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stderr[-4000:]}"
+  res = json.loads(lines[-1][len("RESULT "):])
+  assert res["devices"] == 8
+  for impl in KERNELS:
+    r = res[impl]
+    assert r["shard_maps"] >= 2, r  # forward and backward of the kernel, per shard
+    assert r["tokens"][0] == r["tokens"][1]
+    assert r["loss_rel"] < 1e-6 and r["grad_norm_rel"] < 1e-5 and r["params_max_diff"] < 1e-6, r
