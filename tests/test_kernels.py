@@ -14,10 +14,12 @@ import pytest
 from conftest import REPO, tiny_config
 from flax import nnx
 
+from lmmask import config as config_lib
 from lmmask import masks
 from lmmask import model as M
 from lmmask import step as step_lib
 from lmmask.batching import batch_from_segments
+from lmmask.eval import audit
 
 KERNELS = M.KERNELS
 # Every path that runs on this CPU (cudnn needs a GPU: benchmarks/gpu_check.py checks it).
@@ -271,3 +273,49 @@ def test_kernels_under_the_mesh_keep_the_exact_loss():
     assert r["shard_maps"] >= 2, r  # forward and backward of the kernel, per shard
     assert r["tokens"][0] == r["tokens"][1]
     assert r["loss_rel"] < 1e-6 and r["grad_norm_rel"] < 1e-5 and r["params_max_diff"] < 1e-6, r
+
+
+# ---------------------------------------------------------------------------
+# model.attention: auto resolved once, a path a platform cannot run refused by name.
+
+def test_auto_resolves_by_platform_and_packing():
+  r = M.resolve_attention
+  assert r("auto", "cpu", packed=True) == r("auto", "cpu", packed=False) == "einsum"
+  assert r("auto", "tpu", packed=True) == r("auto", "tpu", packed=False) == "splash"
+  assert r("auto", "gpu", packed=True) == "triton" and r("auto", "gpu", packed=False) == "cudnn"
+  for name in M.ATTENTION_IMPLS:
+    if name != "cudnn":
+      assert r(name, "cpu", packed=True) == name  # named paths run as named (interpret mode)
+  with pytest.raises(ValueError, match="model.attention: 'splash' does not run on gpu; use auto "
+                                       "or one of einsum, xla, cudnn, triton"):
+    r("splash", "gpu", packed=True)
+  with pytest.raises(ValueError, match="'triton' does not run on tpu.*splash"):
+    r("triton", "tpu", packed=False)
+  c = tiny_config()
+  assert c.model.attention == "auto"
+  assert config_lib.decoder_config(c, 40).attention == "einsum"  # this CPU: the reference
+  assert config_lib.decoder_config(c, 40, platform="tpu").attention == "splash"
+  with pytest.raises(ValueError, match="needs attention"):
+    M.DecoderConfig.from_dict({"vocab_size": 5})
+  with pytest.raises(ValueError, match="model.attention.*unknown 'flash'"):
+    config_lib.validate(config_lib.apply_overrides(c, {"model.attention": "flash"}))
+
+
+def test_audit_attention_maps_come_from_einsum_on_the_same_weights():
+  batch = _packed_batches(1)[0]
+  states = {impl: step_lib.create_train_state(
+      tiny_config(**{"model.attention": impl, "data.packing": True, "model.max_len": 40}),
+      jax.random.PRNGKey(0), vocab_size=40) for impl in ("einsum", "splash")}
+  assert audit.attention_path(states["splash"]) == "splash"
+  assert audit.attention_stats(states["splash"], [batch]) == \
+      audit.attention_stats(states["einsum"], [batch])
+  res = {"causal": True, "num_batches": 1, "tolerance": 1e-5, "attention": "splash",
+         "checks": {}, "passed": True, "mass_above_diagonal": [], "mass_on_pad_keys": []}
+  assert "model.attention=splash; it forms no attention probabilities" in audit.format_audit(res)
+
+
+def test_resolved_attention_goes_to_provenance_not_results(tiny_run):
+  workdir, results = tiny_run
+  with open(os.path.join(workdir, "provenance.json")) as f:
+    assert json.load(f)["attention"] == "einsum"  # auto on this CPU
+  assert "attention" not in results
