@@ -192,7 +192,11 @@ def jit_train_step(step_fn, state, mesh: Mesh, rules=RULES):
   def run(state, batch):
     with jax.set_mesh(mesh):
       return jitted(state, batch)
-  run.jitted, run.mesh = jitted, mesh
+
+  def lower(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted.lower(state, batch)
+  run.jitted, run.mesh, run.lower = jitted, mesh, lower
   return run
 
 
