@@ -127,8 +127,8 @@ def _attention_fn(impl, key_mask, seg):
 
 
 def _layer_rows(b, t, packed, seed=0):
-  """key_mask and segment ids (None unpacked) of b rows: right padding to 3/4 of t, or
-  documents of 64..t/2 tokens packed, with a pad tail."""
+  """key_mask and segment ids (None unpacked) of b rows: right padding to between t/2 and
+  t real tokens, or documents of t/16..t/2 tokens packed, with a pad tail."""
   rng = np.random.default_rng(seed)
   if not packed:
     lengths = rng.integers(t // 2, t + 1, b)
@@ -136,10 +136,10 @@ def _layer_rows(b, t, packed, seed=0):
   seg = np.zeros((b, t), np.int32)
   for r in range(b):
     pos, doc = 0, 1
-    while pos < t - 64:
-      n = int(rng.integers(64, t // 2))
+    while pos < t - t // 16:
+      n = int(rng.integers(t // 16, t // 2))
       seg[r, pos:pos + n], pos, doc = doc, pos + n, doc + 1
-    seg[r, -int(rng.integers(1, 32)):] = 0
+    seg[r, -int(rng.integers(1, t // 16)):] = 0
   return jnp.asarray(seg > 0), jnp.asarray(seg)
 
 
