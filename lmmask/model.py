@@ -72,7 +72,10 @@ def resolve_attention(name: str, platform: str, *, packed: bool) -> str:
   if name == "auto":
     return {"tpu": "splash", "gpu": "triton" if packed else "cudnn"}.get(platform, "einsum")
   runs_on = lambda n: platform in ATTENTION_PLATFORMS.get(n, (platform,))  # noqa: E731
-  if name not in ATTENTION_IMPLS or not runs_on(name):
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention: unknown {name!r}; valid: auto, "
+                     f"{', '.join(ATTENTION_IMPLS)}")
+  if not runs_on(name):
     raise ValueError(f"config.model.attention: {name!r} does not run on {platform}; use auto "
                      f"or one of {', '.join(n for n in ATTENTION_IMPLS if runs_on(n))}")
   return name
