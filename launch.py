@@ -12,6 +12,8 @@
   python launch.py --mode=generate --workdir=DIR --chat --prompt="Hi" --max_new_tokens=64
   python launch.py --mode=export --workdir=DIR --out=HF_DIR [--export_dtype=bfloat16]
   python launch.py --processes=2 --config=configs/verbs.py --workdir=DIR   # 2 local processes
+  python launch.py --mode=lower --platform=tpu --config=configs/text.py \
+      --config.model.vocab_size=512 [--out=step.mlir]   # the train step's StableHLO
 """
 import json
 import os
@@ -21,7 +23,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmmask import cluster, multiprocess, parallel, sweep, train
+from lmmask import cluster, lowering, multiprocess, parallel, sweep, train
 from lmmask import workdir as workdir_lib
 from lmmask.data import prepare
 from lmmask.eval import audit, generate
@@ -34,10 +36,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit", "prepare",
-                      "import", "export"],
+                      "import", "export", "lower"],
     "What to run (sweep/aggregate take a configs/sweeps/ file; prepare writes "
     "config.data.path from config.prepare and needs no --workdir; import writes a new "
-    "workdir from --source; export writes --out from --workdir).")
+    "workdir from --source; export writes --out from --workdir; lower exports the train "
+    "step for --platform and needs no --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
@@ -67,7 +70,9 @@ _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate/eval: PRNG seed 
 _SOURCE = flags.DEFINE_string("source", None, "import: a Hugging Face model directory or a "
                               ".gguf file.")
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face directory to write (must "
-                           "not exist).")
+                           "not exist); lower: the file for the StableHLO text.")
+_PLATFORM = flags.DEFINE_enum("platform", None, list(lowering.PLATFORMS),
+                              "lower: the accelerator to lower the train step for.")
 _EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", "float32", ["float32", "bfloat16"],
                                   "export: dtype of the written weights.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: render each prompt as a user turn of a "
@@ -271,10 +276,25 @@ def mode_export():
         f"to {res['out']}")
 
 
+def mode_lower():
+  config = _need_config("lower")
+  if not _PLATFORM.value:
+    raise app.UsageError(f"--mode=lower needs --platform={'|'.join(lowering.PLATFORMS)}")
+  try:
+    summary, text = lowering.lower_train_step(config, _PLATFORM.value)
+    if _OUT.value:
+      lowering.write_text(_OUT.value, text)
+      summary["out"] = os.path.abspath(os.path.expanduser(_OUT.value))
+  except (ValueError, FileExistsError) as e:
+    raise app.UsageError(str(e)) from None
+  print(json.dumps(summary))
+
+
 MODES = {"train": mode_train, "eval": mode_eval, "sweep": mode_sweep,
          "aggregate": mode_aggregate, "generate": mode_generate, "audit": mode_audit,
-         "prepare": mode_prepare, "import": mode_import, "export": mode_export}
-NO_WORKDIR = ("prepare",)
+         "prepare": mode_prepare, "import": mode_import, "export": mode_export,
+         "lower": mode_lower}
+NO_WORKDIR = ("prepare", "lower")
 
 
 def main(argv):
@@ -295,7 +315,7 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     sys.exit(rc)
-  if _MODE.value in ("train", "audit"):
+  if _MODE.value in ("train", "audit", "lower"):
     _set_cpu_devices(_CONFIG.value, _recorded_cpu_devices())
   _join_launcher()
   MODES[_MODE.value]()

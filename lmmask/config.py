@@ -14,11 +14,12 @@ import importlib.util
 import json
 import os
 
+import jax
 from ml_collections import ConfigDict, config_dict
 
 from lmmask import losses, optim
 from lmmask.data import verbs
-from lmmask.model import HONOURS_SEGMENTS, DecoderConfig
+from lmmask.model import ATTENTION_IMPLS, HONOURS_SEGMENTS, DecoderConfig, resolve_attention
 
 CORPORA = ("verbs", "text", "shards", "pretrained")  # data.corpus values (lmmask/data/registry.py)
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite
@@ -108,7 +109,9 @@ def defaults() -> ConfigDict:
   m.head_bias = True                    # bias on the untied LM head
   m.norm_eps = 1e-6                     # epsilon of every LayerNorm / RMSNorm
   # Speed options: all exact, the defaults are the reference path.
-  m.attention = "einsum"                # einsum (reference) | xla | cudnn (GPU fused kernel)
+  m.attention = "auto"                  # auto | einsum (reference) | xla | cudnn | splash (TPU
+                                        # kernel) | triton (GPU kernel); auto is resolved once at
+                                        # startup (resolve_attention): einsum on CPU
   m.remat = False                       # recompute block activations in backward (memory)
   m.scan_layers = False                 # lax.scan over layers (compile time; slower on CPU)
 
@@ -428,9 +431,11 @@ def validate(config) -> None:
        f"{ga} must divide data.batch_size={d.batch_size}")
   need(not d.packing or d.corpus in ("verbs", "text"), "data.packing",
        f"corpus {d.corpus!r} keeps one whole document per row; set data.packing=False")
-  need(not d.packing or m.attention in HONOURS_SEGMENTS, "model.attention",
-       f"{m.attention!r} cannot apply packed rows' segment ids; with data.packing use one of "
-       f"{', '.join(HONOURS_SEGMENTS)}")
+  need(m.attention in ("auto",) + ATTENTION_IMPLS, "model.attention",
+       f"unknown {m.attention!r}; valid: auto, {', '.join(ATTENTION_IMPLS)}")
+  need(not d.packing or m.attention == "auto" or m.attention in HONOURS_SEGMENTS,
+       "model.attention", f"{m.attention!r} cannot apply packed rows' segment ids; with "
+       f"data.packing use auto or one of {', '.join(HONOURS_SEGMENTS)}")
   need(not (d.packing and d.pad_side != "right"), "data.pad_side",
        "packing fills rows from the left; set data.pad_side=right with data.packing")
   need(config.eval.direction in DIRECTIONS, "eval.direction",
@@ -443,10 +448,14 @@ def validate(config) -> None:
     need(_is_int(dist[f]) and dist[f] > 0, f"distributed.{f}", f"must be a positive int (seconds), got {dist[f]!r}")
 
 
-def decoder_config(config, vocab_size: int) -> DecoderConfig:
-  """The DecoderConfig of `config.model`, with vocab_size=-1 resolved to the corpus's."""
+def decoder_config(config, vocab_size: int, platform: str | None = None) -> DecoderConfig:
+  """The DecoderConfig of `config.model`, with vocab_size=-1 resolved to the corpus's and
+  model.attention resolved (`model.resolve_attention`) for `platform` (default: JAX's
+  backend), once at startup: every caller builds its model through here."""
   m = dict(config.model)
   m.pop("causal")
+  m["attention"] = resolve_attention(m["attention"], platform or jax.default_backend(),
+                                     packed=bool(config.data.packing))
   if m["vocab_size"] == -1:
     m["vocab_size"] = vocab_size
   elif m["vocab_size"] != vocab_size:

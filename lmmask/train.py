@@ -169,8 +169,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"initialised from {init_from} (step {base_step}); fresh optimizer", flush=True)
   if writer and not os.path.exists(model_file):
     wd.atomic_write_json(model_file, wd.model_record(config, data))
+  # model.attention resolved once, here (auto: by backend and packing); logged and kept
+  # with the run's provenance, not its results (the maths is the same on every path).
+  attention = config_lib.decoder_config(config, data.vocab_size).attention
+  print(f"lmmask: model.attention={config.model.attention} -> {attention} "
+        f"({jax.default_backend()})", file=sys.stderr, flush=True)
   if writer:
-    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE), wd.provenance())
+    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE),
+                         {**wd.provenance(), "attention": attention})
 
   total = config.train.steps
   meta = lambda: {"config": cfg_dict, "best_val_loss": best_val,  # noqa: E731

@@ -173,7 +173,7 @@ def _decoder_too_long(ctx):
 
   from lmmask.model import Decoder, DecoderConfig
   model = Decoder(DecoderConfig(vocab_size=20, dropout=0.0, d_model=8, n_layers=1, n_heads=2, d_ff=16,
-                                max_len=4), rngs=nnx.Rngs(0))
+                                max_len=4, attention="einsum"), rngs=nnx.Rngs(0))
   return lambda: model(np.zeros((1, 6), np.int32))
 
 

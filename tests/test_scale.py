@@ -79,7 +79,8 @@ def test_token_weights_all_zero_mask_is_zero():
 # Gradient accumulation (1 device): skewed micro-batches equal one batch.
 
 def _model(**kw):
-  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16, **kw)
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16,
+                      **{"attention": "einsum", **kw})
   return Decoder(cfg, rngs=nnx.Rngs(params=jax.random.PRNGKey(1)))
 
 
