@@ -383,7 +383,7 @@ def validate(config) -> None:
   def need(cond, field, msg):
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
-  d, m, o, t = config.data, config.model, config.optim, config.train
+  d, m, o, t, e = config.data, config.model, config.optim, config.train, config.eval
   need(d.corpus in CORPORA, "data.corpus", f"unknown corpus {d.corpus!r}; valid: "
        f"{', '.join(CORPORA)}")
   need(d.tokens in verbs.TOKENIZATIONS, "data.tokens", f"unknown tokenization {d.tokens!r}; "
@@ -441,6 +441,8 @@ def validate(config) -> None:
        "packing fills rows from the left; set data.pad_side=right with data.packing")
   need(config.eval.direction in DIRECTIONS, "eval.direction",
        f"must be one of {', '.join(DIRECTIONS)}, got {config.eval.direction!r}")
+  need(not e.harness_tasks or importlib.util.find_spec("lm_eval") is not None,
+       "eval.harness_tasks", 'lm-eval tasks need the eval extra: pip install "lmmask[eval]"')
   need(config.eval.floor_tolerance >= 0, "eval.floor_tolerance",
        f"must be >= 0, got {config.eval.floor_tolerance}")
   cpu, dist = config.mesh.cpu_devices, config.distributed

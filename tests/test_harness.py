@@ -1,9 +1,9 @@
 """lmmask's lm-evaluation-harness model (lmmask/eval/harness.py) against lm-eval's own
 `hf` backend with transformers, on a tiny random Llama built from a config and the
 local tasks in tasks/ (offline)."""
+import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -14,9 +14,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: no net
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from lmmask import batching  # noqa: E402
-from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask import step as step_lib  # noqa: E402
-from lmmask import workdir as workdir_lib  # noqa: E402
 from lmmask.eval import harness  # noqa: E402
 from lmmask.interop import convert as interop  # noqa: E402
 
@@ -77,3 +75,128 @@ def llama(tmp_path_factory):
 
 def _evaluate(model, tasks, **kw):
   return harness.evaluate(model, tasks, log_samples=True, **kw)
+
+
+class Runs:
+  pass
+
+
+@pytest.fixture(scope="module")
+def runs(llama):
+  """Both backends on the local tasks: multiple choice and generation three-shot (the
+  contexts exceed the model's length: left truncation), rolling perplexity."""
+  from lm_eval.models.huggingface import HFLM
+  hf_dir, workdir = llama
+  r = Runs()
+  r.ours = harness.LmmaskLM(workdir)
+  r.ref = HFLM(pretrained=hf_dir, device="cpu", dtype="float32", batch_size=8)
+  for name, lm in (("ours", r.ours), ("ref", r.ref)):
+    few = _evaluate(lm, [MC, GEN], num_fewshot=3)
+    ppl = _evaluate(lm, [PPL])
+    setattr(r, name, lm)
+    setattr(r, name + "_results", {"results": {**few["results"], **ppl["results"]},
+                                   "samples": {**few["samples"], **ppl["samples"]}})
+  return r
+
+
+def _by_doc(samples):
+  return sorted(samples, key=lambda s: s["doc_id"])
+
+
+def test_parity_with_the_hf_backend(runs):
+  ours, ref = runs.ours_results, runs.ref_results
+  for task in ("lmmask_mc", "lmmask_ppl", "lmmask_gen"):
+    a, b = _by_doc(ours["samples"][task]), _by_doc(ref["samples"][task])
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      assert x["arguments"] == y["arguments"]
+      for ra, rb in zip(x["resps"], y["resps"]):
+        ra, rb = ra[0], rb[0]
+        if task == "lmmask_gen":
+          assert ra == rb  # identical greedy generations
+        elif task == "lmmask_ppl":
+          assert abs(ra - rb) < 1e-3
+        else:
+          assert abs(ra[0] - rb[0]) < 1e-3 and ra[1] == rb[1]
+  for task, metric in (("lmmask_mc", "acc,none"), ("lmmask_mc", "acc_norm,none"),
+                       ("lmmask_gen", "exact_match,strip")):
+    assert ours["results"][task][metric] == ref["results"][task][metric]
+  # The three-shot contexts really were longer than the model (left truncation).
+  longest = max(len(runs.ours.tok_encode(s["arguments"][0][0] + s["arguments"][0][1]))
+                for s in ours["samples"]["lmmask_mc"])
+  assert longest > MAX_LEN + 1
+
+
+def test_is_greedy_matches_on_greedy_continuations(runs):
+  """Continuations the model itself chose greedily: is_greedy True in both backends;
+  with the last token changed, False in both."""
+  from lmmask import decode
+  lm = runs.ours
+  prompts = [lm.tok_encode(f"Question: What is {a} plus {a}?\nAnswer:") for a in range(4)]
+  gen = decode.generate(lm.state, prompts, max_new_tokens=6, eos_id=None, pad_id=lm.data.pad_id)
+  reqs = []
+  for p, g in zip(prompts, gen.tokens):
+    cont = [int(t) for t in g]
+    reqs.append((None, p, cont))
+    reqs.append((None, p, cont[:-1] + [(cont[-1] + 1) % lm.cfg.vocab_size]))
+  ours = lm._loglikelihood_tokens(reqs)
+  ref = runs.ref._loglikelihood_tokens(reqs)
+  assert [g for _, g in ours] == [g for _, g in ref] == [True, False] * len(prompts)
+  assert np.allclose([x for x, _ in ours], [x for x, _ in ref], atol=1e-3)
+
+
+def _token_requests(lm):
+  """Multiple-choice pairs (a context shared by four choices) and rolling windows."""
+  reqs = []
+  with open(os.path.join(TASKS, "data", "mc.jsonl")) as f:
+    for line in f:
+      d = json.loads(line)
+      ctx = lm.tok_encode(f"Question: {d['question']}\nAnswer:")
+      reqs += [(ctx, lm.tok_encode(" " + c, add_special_tokens=False)) for c in d["choices"]]
+  with open(os.path.join(TASKS, "data", "ppl.jsonl")) as f:
+    text = " ".join(json.loads(line)["text"] for line in f)
+  reqs += harness.rolling_windows(lm.tok_encode(text), lm.prefix_token_id, lm.max_length)
+  return reqs
+
+
+def test_packed_equals_unpacked_and_segments_matter(runs):
+  lm = runs.ours
+  reqs = _token_requests(lm)
+  opts = harness.options_from(lm.config, {"row_tokens": MAX_LEN})
+  packed = harness.Scorer(lm.state, lm.data, lm.max_length, opts)
+  single = harness.Scorer(lm.state, lm.data, lm.max_length,
+                          harness.options_from(lm.config, {"packing": False}))
+  rows = list(packed._rows([len(s) for s, _ in packed.sequences(reqs)]))
+  assert sum(len(r) for _, chunk in rows for r in chunk) > sum(len(c) for _, c in rows)
+  a, b = packed.loglikelihoods(reqs), single.loglikelihoods(reqs)
+  assert np.allclose([x for x, _ in a], [x for x, _ in b], atol=1e-4, rtol=0)
+  assert [g for _, g in a] == [g for _, g in b]
+  # Planted bug: packed rows without their segment ids (attention across requests).
+  leaky = harness.Scorer(lm.state, lm.data, lm.max_length, opts)
+  leaky.state = leaky.state.replace(options=dataclasses.replace(leaky.state.options,
+                                                                keys_are_prefix=True))
+  c = leaky.loglikelihoods(reqs)
+  assert np.max(np.abs(np.array([x for x, _ in c]) - [x for x, _ in b])) > 1e-2
+
+
+def test_rolling_equals_a_direct_sum_over_windows(runs):
+  from lm_eval.api.instance import Instance
+  lm = runs.ours
+  with open(os.path.join(TASKS, "data", "ppl.jsonl")) as f:
+    text = " ".join(json.loads(line)["text"] for line in f)
+  tokens = lm.tok_encode(text)
+  windows = harness.rolling_windows(tokens, lm.prefix_token_id, lm.max_length)
+  assert len(windows) >= 3 and windows[0][0] == [lm.data.tokenizer.bos_id]
+  assert lm.prefix_token_id == 0 != lm.eot_token_id  # BOS, not lm-eval's EOS default
+  direct = 0.0
+  forward = jax.jit(step_lib.forward)
+  for ctx, pred in windows:  # each window alone, right-padded (one compilation)
+    seq = ctx + pred
+    batch = batching.make_batch([seq], pad_id=lm.data.pad_id, length=MAX_LEN + 1)
+    logp = jax.nn.log_softmax(forward(lm.state, lm.state.params, batch)[0], axis=-1)
+    targets = np.asarray(seq[1:])
+    direct += float(np.asarray(logp)[np.arange(len(targets)), targets][-len(pred):].sum())
+  req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+  (ours,) = lm.loglikelihood_rolling([req])
+  assert abs(ours - direct) < 1e-3
+  assert sum(len(p) for _, p in windows) == len(tokens)

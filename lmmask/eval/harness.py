@@ -594,14 +594,17 @@ def cache_path(workdir: str, which: str, step: int) -> str:
 
 def run_workdir(workdir: str, tasks, *, step: int | None = None, which: str = "latest",
                 include_path: str = "", limit=None, num_fewshot=None,
-                apply_chat_template: bool = False) -> tuple[str, dict]:
+                apply_chat_template: bool = False, model_args: dict | None = None
+                ) -> tuple[str, dict]:
   """Evaluate a workdir's checkpoint on the tasks; results merged into
   W/harness/STEP.json. Tasks and the checkpoint are checked before anything is
-  written. Returns (path, summary)."""
+  written; a failed run removes the cache file it started. model_args: the
+  adapter's knobs (batch_rows, row_tokens, packing, truncation, max_gen_toks) over
+  the workdir's eval.harness_*. Returns (path, summary)."""
   require_lm_eval()
   loaded = load_tasks(tasks, include_path)          # unknown task, bad YAML, offline data
   restored = wd.restore_state(workdir, which, step)  # no checkpoint
-  lm = LmmaskLM(workdir, restored=restored)
+  lm = LmmaskLM(workdir, restored=restored, **(model_args or {}))
   cache = cache_path(workdir, which, lm.step)
   made = [p for p in (os.path.join(workdir, HARNESS_DIR), os.path.dirname(cache))
           if not os.path.exists(p)]
