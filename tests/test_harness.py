@@ -4,6 +4,9 @@ local tasks in tasks/ (offline)."""
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +17,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: no net
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from lmmask import batching  # noqa: E402
+from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask import step as step_lib  # noqa: E402
+from lmmask import workdir as workdir_lib  # noqa: E402
 from lmmask.eval import harness  # noqa: E402
 from lmmask.interop import convert as interop  # noqa: E402
 
@@ -200,3 +205,88 @@ def test_rolling_equals_a_direct_sum_over_windows(runs):
   (ours,) = lm.loglikelihood_rolling([req])
   assert abs(ours - direct) < 1e-3
   assert sum(len(p) for _, p in windows) == len(tokens)
+
+
+def _launch(*args):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def _second_checkpoint(workdir):
+  """Step 1 of the workdir: the step-0 weights scaled (other answers)."""
+  config, _, state, _ = workdir_lib.restore_state(workdir)
+  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints)
+  params = jax.tree.map(lambda x: x * 1.2, state.params)
+  ckpt.save(mngr, 1, state.replace(params=params).checkpoint_tree(), {})
+  ckpt.finish(mngr)
+  mngr.close()
+
+
+def test_one_cache_per_checkpoint(llama, tmp_path, monkeypatch):
+  w = str(tmp_path / "w")
+  shutil.copytree(llama[1], w)
+  _second_checkpoint(w)
+  path, _ = harness.run_workdir(w, "lmmask_mc,lmmask_ppl", step=0, include_path=TASKS,
+                                limit=6)
+  first = json.load(open(path))
+  assert path == os.path.join(w, "harness", "0.json")
+  assert first["lm_eval_version"] == harness.LM_EVAL_VERSION == lm_eval.__version__
+  assert set(first["task_hashes"]) == {"lmmask_mc", "lmmask_ppl"}
+  _, second = harness.run_workdir(w, "lmmask_mc,lmmask_ppl", step=1, include_path=TASKS,
+                                  limit=6)
+  caches = sorted(os.listdir(os.path.join(w, "harness", "cache")))
+  assert caches == ["latest_step0_rank0.db", "latest_step1_rank0.db"]
+  # One cache per checkpoint: step 1 was scored by its own weights, not read from
+  # step 0's answers (lm-eval's cache keys ignore the model).
+  key = "lmmask_ppl_word_perplexity"
+  assert abs(second["metrics"][key] - first["metrics"][key]) > 1e-3 * first["metrics"][key]
+  # Step 0 again: every answer from its cache, the model is not run.
+  def refuse(*a, **k):
+    raise AssertionError("the model ran although every answer is cached")
+  monkeypatch.setattr(harness.Scorer, "loglikelihoods", refuse)
+  _, again = harness.run_workdir(w, "lmmask_mc,lmmask_ppl", step=0, include_path=TASKS,
+                                 limit=6)
+  assert again["metrics"] == first["metrics"]
+
+
+VERBS_MC = """task: verbs_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: verbs_mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: 0
+metric_list:
+  - metric: acc
+"""
+
+
+def test_in_loop_logging_equals_the_checkpoint(tmp_path):
+  """eval.harness_tasks during training: metrics.jsonl and TensorBoard rows at every
+  eval, on the live weights (the last equal to the saved final checkpoint's)."""
+  from conftest import tiny_config
+
+  from lmmask import train
+  from lmmask.data import verbs
+  lines = [e.text for e in verbs.build_corpus("verbs").train[:8]]
+  with open(tmp_path / "verbs_mc.jsonl", "w") as f:
+    for a, b in zip(lines, lines[1:] + lines[:1]):
+      ctx, ans = a.split(" / ")
+      f.write(json.dumps({"context": ctx + " /", "choices": [ans, b.split(" / ")[1]]}) + "\n")
+  (tmp_path / "verbs_mc.yaml").write_text(VERBS_MC)
+  task = str(tmp_path / "verbs_mc.yaml")
+  config = tiny_config(**{"eval.harness_tasks": task, "train.steps": 4, "train.eval_every": 2,
+                          "eval.exact_match_at_end": False})
+  w = str(tmp_path / "run")
+  train.train_and_evaluate(config, w)
+  rows = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
+  logged = [r for r in rows if r["kind"] == "harness"]
+  assert [r["step"] for r in logged] == [2, 4]
+  assert all(0.0 <= r["verbs_mc_acc"] <= 1.0 for r in logged)
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(w, "tb")))
+  _, rec = harness.run_workdir(w, task)
+  assert rec["step"] == 4 and rec["metrics"]["verbs_mc_acc"] == logged[-1]["verbs_mc_acc"]
