@@ -290,3 +290,46 @@ def test_in_loop_logging_equals_the_checkpoint(tmp_path):
   assert any(f.startswith("events") for f in os.listdir(os.path.join(w, "tb")))
   _, rec = harness.run_workdir(w, task)
   assert rec["step"] == 4 and rec["metrics"]["verbs_mc_acc"] == logged[-1]["verbs_mc_acc"]
+
+
+def _listing(d):
+  return sorted((os.path.relpath(os.path.join(r, f), d), os.path.getsize(os.path.join(r, f)))
+                for r, _, files in os.walk(d) for f in files)
+
+
+ROLLING = ("output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: ''\n"
+           "doc_to_target: '{{text}}'\n")
+BAD = {
+    "unknown task": (None, "no_such_task_anywhere", ValueError, "unknown task"),
+    "bad yaml": ("task: [unclosed\n  dataset_path: json", None, ValueError, "does not parse"),
+    "local file missing": ("task: t1\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                           "    test: nowhere.jsonl\n" + ROLLING, None, ValueError,
+                           "cannot be found offline.*dataset_path: json"),
+    "hub dataset offline": ("task: t2\ndataset_path: lmmask-tests/no-such-dataset\n" + ROLLING,
+                            None, ValueError, "cannot be found offline.*data_files"),
+    "too long, truncation off": (None, MC, ValueError, "harness_truncation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_are_refused_leaving_the_workdir_as_it_was(llama, tmp_path, case):
+  text, task, error, message = BAD[case]
+  if text is not None:
+    (tmp_path / "task.yaml").write_text(text)
+    task = str(tmp_path / "task.yaml")
+  w = llama[1]
+  before = _listing(w)
+  with pytest.raises(error, match=message):
+    harness.run_workdir(w, task, num_fewshot=3, model_args={"truncation": False})
+  assert _listing(w) == before
+
+
+def test_workdir_without_checkpoint_and_the_cli(llama, tmp_path):
+  w = str(tmp_path / "w")
+  shutil.copytree(llama[1], w, ignore=shutil.ignore_patterns(ckpt.CKPT_DIR))
+  before = _listing(w)
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    harness.run_workdir(w, MC)
+  r = _launch("--mode=harness", f"--workdir={w}", f"--tasks={MC}")
+  assert r.returncode != 0 and "no checkpoints" in r.stderr
+  assert _listing(w) == before

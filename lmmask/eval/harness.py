@@ -506,6 +506,27 @@ def split_tasks(tasks) -> list[str]:
   return items
 
 
+def _unknown(name: str, include_path: str) -> str:
+  hint = f" nor in --include_path={include_path}" if include_path else \
+      " (a local task: give its YAML file, or its folder with --include_path)"
+  return f"unknown task {name!r}: not an lm-eval task{hint}"
+
+
+@functools.lru_cache(maxsize=64)
+def _named_in_lm_eval(name: str) -> bool:
+  """False when no file of lm-eval's task folder spells `name` (so it is no task,
+  group or tag there); True means "maybe", settled by lm-eval's index."""
+  import lm_eval
+  root = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
+  for folder, _, files in os.walk(root):
+    for f in files:
+      if f.endswith((".yaml", ".yml", ".py")):
+        with open(os.path.join(folder, f), encoding="utf-8", errors="ignore") as fh:
+          if name in fh.read():
+            return True
+  return False
+
+
 def load_tasks(tasks, include_path: str = "") -> dict:
   """lm-eval's task dict for names and YAML paths, every dataset read offline.
   Errors name the task and say how to fix it; nothing is written."""
@@ -522,12 +543,13 @@ def load_tasks(tasks, include_path: str = "") -> dict:
     else:
       specs.append(t)
       names.append(t)
+  for n in names:
+    if not _named_in_lm_eval(n):  # cheap: lm-eval's task index takes seconds to build
+      raise ValueError(_unknown(n, include_path))
   manager = _task_manager(include_path or "", bool(names))
   for n in names:
     if n not in manager.all_tasks:
-      hint = f" or in --include_path={include_path}" if include_path else \
-          " (a local task: give its YAML file, or its folder with --include_path)"
-      raise ValueError(f"unknown task {n!r}: not an lm-eval task{hint}")
+      raise ValueError(_unknown(n, include_path))
   loaded = {"tasks": {}, "groups": {}, "group_map": {}}
   for spec in specs:
     name = spec if isinstance(spec, str) else spec.get("task", spec.get("group"))
