@@ -333,3 +333,20 @@ def test_workdir_without_checkpoint_and_the_cli(llama, tmp_path):
   r = _launch("--mode=harness", f"--workdir={w}", f"--tasks={MC}")
   assert r.returncode != 0 and "no checkpoints" in r.stderr
   assert _listing(w) == before
+
+
+def test_chat_template_renders_as_transformers(runs, llama, monkeypatch):
+  """lm-eval's apply_chat_template (generation prompt, and a prefilled assistant turn
+  left open) renders as transformers' tokenizer does."""
+  from test_chat_template import CHATML
+  ref = transformers.AutoTokenizer.from_pretrained(llama[0])
+  ref.chat_template = CHATML
+  monkeypatch.setattr(runs.ours.tok, "chat_template", CHATML)
+  msgs = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4"},
+          {"role": "user", "content": "And 3 plus 3?"}]
+  assert runs.ours.apply_chat_template(msgs) == ref.apply_chat_template(
+      msgs, tokenize=False, add_generation_prompt=True)
+  open_turn = msgs + [{"role": "assistant", "content": "The answer is"}]
+  assert runs.ours.apply_chat_template(open_turn, add_generation_prompt=False) == \
+      ref.apply_chat_template(open_turn, tokenize=False, add_generation_prompt=False,
+                              continue_final_message=True)

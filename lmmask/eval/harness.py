@@ -136,8 +136,10 @@ def options_from(config, overrides: dict) -> Options:
     if k not in base:
       raise ValueError(f"unknown lmmask model argument {k!r}; valid: pretrained, step, which, "
                        f"{', '.join(base)}")
-    base[k] = config_lib.parse_bool(v) if isinstance(base[k], bool) and isinstance(v, str) \
-        else int(v)
+    if isinstance(base[k], bool):
+      base[k] = config_lib.parse_bool(v) if isinstance(v, str) else bool(v)
+    else:
+      base[k] = int(v)
   for k in ("batch_rows", "row_tokens", "max_gen_toks"):
     if base[k] < 1:
       raise ValueError(f"eval.harness_{k} must be a positive int, got {base[k]}")
@@ -153,7 +155,7 @@ class Scorer:
     self.packing = packed
     # Rows here are packed (or right-padded): the attention must use segment ids.
     self.state = state.replace(opt_state=(), options=dataclasses.replace(
-        state.options, keys_are_prefix=False, causal=True))
+        state.options, keys_are_prefix=False))
 
   def sequences(self, requests):
     """(tokens ending in the continuation, continuation length) per (ctx, cont) pair,
@@ -291,6 +293,10 @@ class LmmaskLM(_Base):
                          "'pretrained=/path/to/workdir')")
       restored = wd.restore_state(pretrained, which, None if step in (None, "") else int(step))
     config, data, state, restored_step = restored
+    if not state.options.causal:
+      raise ValueError("this model was trained with model.causal=False: it sees the tokens it "
+                       "is asked to predict, so lm-eval's log-likelihoods would be leaks; "
+                       "evaluate a causal model")
     self.config, self.data, self.step = config, data, int(restored_step)
     self.workdir = pretrained
     tok = data.tokenizer
