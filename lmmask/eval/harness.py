@@ -216,7 +216,10 @@ class Scorer:
     """Batches of rows: (row_len, [[host, ...] per row]), longest rows first."""
     o = self.options
     if self.packing:  # a row of T inputs holds T + 1 tokens; T is at most the model's length
-      length = max(min(o.row_tokens, self.max_length) + 1, max(lengths))
+      # Rows no longer than the work needs: a few requests fill batch_rows short rows
+      # rather than some of batch_rows long ones (compute is rows x length).
+      need = _bucket(-(-sum(lengths) * 21 // (20 * o.batch_rows)), 64)  # 5% for first fit
+      length = max(min(o.row_tokens, self.max_length, need) + 1, max(lengths))
       rows, _ = packing.first_fit([max(n, 2) for n in lengths], length)
       rows.sort(key=lambda r: -sum(lengths[h] for h in r))
     else:
@@ -229,7 +232,10 @@ class Scorer:
   def _run(self, row_len, rows, hosts, wants, out):
     o = self.options
     docs = [[np.asarray(hosts[h], np.int32) for h in r] for r in rows]
-    docs += [[]] * (o.batch_rows - len(docs))  # a fixed batch shape: fewer compilations
+    # Batch shapes from a few sizes (fewer compilations): full batches, or the last
+    # one's rows rounded up to a power of two.
+    rows_in_batch = min(o.batch_rows, 1 << (len(docs) - 1).bit_length())
+    docs += [[]] * (rows_in_batch - len(docs))
     ids, seg, _ = packing.fill_rows(docs, length=row_len + 1, pad_id=self.data.pad_id)
     batch = batching.batch_from_segments(ids, seg)
     t = row_len
