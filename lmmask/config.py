@@ -172,6 +172,18 @@ def defaults() -> ConfigDict:
   e.audit_batches = 2                   # eval batches (per split) the audit probes use
   e.audit_heatmaps = 3                  # examples drawn as attention heat maps by the audit
   e.prompt_tokens = 16                  # text eval: tokens of each held-out opening to continue
+  # lm-evaluation-harness (lmmask/eval/harness.py, docs/evaluation.md; pip install "lmmask[eval]").
+  e.harness_tasks = ""                  # comma-separated lm-eval tasks (names or YAML files) run
+                                        # on the live weights at every eval_every; "" = none
+  e.harness_include_path = ""           # a folder of task YAMLs (e.g. tasks/) for task names
+  e.harness_limit = 0                   # examples per task in training (0 = all)
+  e.harness_num_fewshot = -1            # few-shot examples in training (-1 = the task's own)
+  e.harness_batch_rows = 8              # rows per scoring forward; prompts per generate batch
+  e.harness_row_tokens = 512            # packed row length (a longer request gets its own row)
+  e.harness_packing = True              # several requests per row (segment ids); False: one
+  e.harness_truncation = True           # left-truncate requests longer than the model (as the
+                                        # hf backend); False: refuse them
+  e.harness_max_gen_toks = 256          # generation budget when a task sets none (lm-eval's)
 
   # The add-k n-gram baseline on the same split (lmmask/eval/ngram.py).
   c.baseline = ConfigDict()
@@ -376,7 +388,7 @@ def validate(config) -> None:
   def need(cond, field, msg):
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
-  d, m, o, t = config.data, config.model, config.optim, config.train
+  d, m, o, t, e = config.data, config.model, config.optim, config.train, config.eval
   need(d.corpus in CORPORA, "data.corpus", f"unknown corpus {d.corpus!r}; valid: "
        f"{', '.join(CORPORA)}")
   need(d.tokens in verbs.TOKENIZATIONS, "data.tokens", f"unknown tokenization {d.tokens!r}; "
@@ -440,6 +452,8 @@ def validate(config) -> None:
        "packing fills rows from the left; set data.pad_side=right with data.packing")
   need(config.eval.direction in DIRECTIONS, "eval.direction",
        f"must be one of {', '.join(DIRECTIONS)}, got {config.eval.direction!r}")
+  need(not e.harness_tasks or importlib.util.find_spec("lm_eval") is not None,
+       "eval.harness_tasks", 'lm-eval tasks need the eval extra: pip install "lmmask[eval]"')
   need(config.eval.floor_tolerance >= 0, "eval.floor_tolerance",
        f"must be >= 0, got {config.eval.floor_tolerance}")
   cpu, dist = config.mesh.cpu_devices, config.distributed

@@ -23,6 +23,7 @@ from lmmask import workdir as wd
 from lmmask.data import registry
 from lmmask.eval import evaluate as evaluation
 from lmmask.eval import floor as floor_lib
+from lmmask.eval import harness
 from lmmask.model import count_params
 
 
@@ -240,6 +241,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ev.update(floor_monitor.check(done, ev))  # alarm below the entropy floor
         if logger is not None:
           logger.write(done, "eval", ev)
+        if config.eval.harness_tasks:  # lm-eval tasks on the live weights (eval/harness.py)
+          hv = harness.run_live(config, data, evaluation.host_state(state), done)
+          if logger is not None:
+            logger.write(done, "harness", hv)
         if ev["val_loss"] < best_val:
           best_val = ev["val_loss"]
           ckpt.save(best, done, state.checkpoint_tree(), meta())
