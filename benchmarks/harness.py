@@ -173,9 +173,9 @@ def speed(paths: dict, root: str) -> list[dict]:
                                      r["backend"] == b)
            for b in ("lmmask", "hf") for k in ("warm_rps", "cold_rps")}
     req = next(r["requests"] for r in rows if r["task"] == task)
-    print(f"| {task} | {req} | {med['lmmask', 'warm_rps']:.1f} | {med['hf', 'warm_rps']:.1f} | "
+    print(f"| {task} | {req} | {med['lmmask', 'warm_rps']:.3g} | {med['hf', 'warm_rps']:.3g} | "
           f"{med['lmmask', 'warm_rps'] / med['hf', 'warm_rps']:.2f}x | "
-          f"{med['lmmask', 'cold_rps']:.1f} | {med['hf', 'cold_rps']:.1f} | "
+          f"{med['lmmask', 'cold_rps']:.3g} | {med['hf', 'cold_rps']:.3g} | "
           f"{med['lmmask', 'cold_rps'] / med['hf', 'cold_rps']:.2f}x |")
   print(f"load average {os.getloadavg()}")
   return rows
