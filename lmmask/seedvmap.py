@@ -68,11 +68,12 @@ def _scale_by_state_lr() -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def _unit_lr_state(config, vocab_size):
+def _unit_lr_state(config, data):
   """The library's train state for `config` with peak lr 1, times a stored lr."""
   unit = config.copy_and_resolve_references()
   unit.optim.lr = 1.0
-  s = step_lib.create_train_state(unit, jax.random.PRNGKey(config.seed), vocab_size=vocab_size)
+  s = step_lib.create_train_state(unit, jax.random.PRNGKey(config.seed),
+                                  vocab_size=data.vocab_size, keys_are_prefix=data.keys_are_prefix)
   tx = optax.chain(s.tx, _scale_by_state_lr())
   lr = float(config.optim.lr)
   # s.schedule stays the unit-lr one; logged lrs are multiplied by the run's lr.
@@ -108,8 +109,7 @@ def train_seed_group(configs, workdirs, log=print, final_extras=None) -> list[di
 
   # Each seed's own data stream: batches are a pure function of (seed, step).
   sources = [registry.load(c, w) for c, w in zip(configs, workdirs)]
-  vocab_size = sources[0].vocab_size
-  states = [_unit_lr_state(c, vocab_size) for c in configs]
+  states = [_unit_lr_state(c, src) for c, src in zip(configs, sources)]
   s0 = states[0]
   states = [s.replace(graphdef=s0.graphdef, tx=s0.tx, schedule=s0.schedule) for s in states]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)

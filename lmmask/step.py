@@ -95,23 +95,18 @@ class TrainState:
                         opt_state=tree["opt_state"], rng=tree["rng"])
 
 
-def keys_are_prefix(config) -> bool:
-  """True when every row's real tokens are a prefix (right padding, one document per
-  row), so segment ids add nothing and the fused attention can use lengths."""
-  d = config.data
-  return d.corpus in ("verbs", "shards") and d.pad_side == "right" and not d.packing
-
-
-def step_options(config) -> StepOptions:
+def step_options(config, keys_are_prefix: bool) -> StepOptions:
+  """keys_are_prefix: the batches' promise (`DataSource.keys_are_prefix`)."""
   return StepOptions(reduction=losses.check_reduction(config.loss.reduction),
                      causal=bool(config.model.causal), z_loss=float(config.loss.z_loss),
                      skip_nonfinite=config.train.nonfinite == "skip",
                      grad_accum_steps=int(config.optim.grad_accum_steps),
                      logits_chunk=int(config.loss.logits_chunk),
-                     keys_are_prefix=keys_are_prefix(config))
+                     keys_are_prefix=bool(keys_are_prefix))
 
 
-def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
+def create_train_state(config, rng, *, vocab_size: int, keys_are_prefix: bool) -> TrainState:
+  """vocab_size and keys_are_prefix: the corpus's (`DataSource` fields of the same names)."""
   cfg = decoder_config(config, vocab_size)
   init_rng, train_rng = jax.random.split(rng)
   model = Decoder(cfg, rngs=nnx.Rngs(params=init_rng))
@@ -119,7 +114,7 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
   tx, sched = optim.make_optimizer(config.optim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_rng, graphdef=graphdef, tx=tx, schedule=sched,
-                    options=step_options(config))
+                    options=step_options(config, keys_are_prefix))
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from lmmask import workdir as wd
 from lmmask.data import registry
 from lmmask.eval import evaluate as evaluation
 from lmmask.eval import floor as floor_lib
+from lmmask.eval import harness
 from lmmask.model import count_params
 
 
@@ -108,7 +109,8 @@ def _open_workdir(config, workdir: str, cfg_dict: dict, writer: bool):
   if config.train.init_from:  # checked before anything is written into the workdir
     base_cfg = wd.check_init_from(config, workdir, data)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                      vocab_size=data.vocab_size)
+                                      vocab_size=data.vocab_size,
+                                      keys_are_prefix=data.keys_are_prefix)
   eval_sets = data.eval_sets()
   floor_monitor = floor_lib.FloorMonitor(config, data, workdir)
   if writer:
@@ -168,8 +170,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"initialised from {init_from} (step {base_step}); fresh optimizer", flush=True)
   if writer and not os.path.exists(model_file):
     wd.atomic_write_json(model_file, wd.model_record(config, data))
+  # model.attention resolved once, here (auto: by backend and packing); logged and kept
+  # with the run's provenance, not its results (the maths is the same on every path).
+  attention = config_lib.decoder_config(config, data.vocab_size).attention
+  print(f"lmmask: model.attention={config.model.attention} -> {attention} "
+        f"({jax.default_backend()})", file=sys.stderr, flush=True)
   if writer:
-    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE), wd.provenance())
+    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE),
+                         {**wd.provenance(), "attention": attention})
 
   total = config.train.steps
   meta = lambda: {"config": cfg_dict, "best_val_loss": best_val,  # noqa: E731
@@ -233,6 +241,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ev.update(floor_monitor.check(done, ev))  # alarm below the entropy floor
         if logger is not None:
           logger.write(done, "eval", ev)
+        if config.eval.harness_tasks:  # lm-eval tasks on the live weights (eval/harness.py)
+          hv = harness.run_live(config, data, evaluation.host_state(state), done)
+          if logger is not None:
+            logger.write(done, "harness", hv)
         if ev["val_loss"] < best_val:
           best_val = ev["val_loss"]
           ckpt.save(best, done, state.checkpoint_tree(), meta())

@@ -162,7 +162,8 @@ def restore_state(workdir: str, which: str = "latest", step: int | None = None, 
   parallel.setup_jax_cache(config.train.jax_cache_dir)
   data = registry.load(config, workdir) if data is None else data
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                      vocab_size=data.vocab_size)
+                                      vocab_size=data.vocab_size,
+                                      keys_are_prefix=data.keys_are_prefix)
   sub = WHICH[which]
   if not ckpt.committed_steps(workdir, sub):
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")

@@ -46,7 +46,8 @@ def main():
   config = tiny_config(**{"model.dropout": 0.0, "optim.name": "sgd", "optim.clip_norm": 0.0,
                           "optim.warmup_steps": 0, "optim.schedule": "constant",
                           "optim.lr": 0.5, "optim.weight_decay": 0.0})
-  base = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=V)
+  base = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=V,
+                                     keys_are_prefix=True)
   base_params = jax.device_get(base.params)  # host copy: the sharded step donates its input
   batch = skewed_batch()
   per_micro = [float(batch.loss_mask[i::4].sum()) for i in range(4)]

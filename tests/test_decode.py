@@ -17,8 +17,8 @@ PROMPTS = [[1, 5, 6, 7], [1], [1, 9, 10], [1, 4, 12, 3, 8, 6]]
 def model():
   # A large init std makes the random model's logits far from uniform, so a wrong
   # mask or position shows up as a large logit difference.
-  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
-                      init_std=0.3)
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
+                      init_std=0.3, attention="einsum")
   return Decoder(cfg, rngs=nnx.Rngs(params=3))
 
 
@@ -46,8 +46,8 @@ def test_kv_cache_logits_match_full_forward_every_step(model):
 def test_kv_cache_parity_with_decoder_options(name):
   """Every decoder option that changes attention or positions (rotary positions,
   grouped-query / multi-query attention, and the all-options "modern" model)."""
-  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
-                      init_std=0.3, **COMBOS[name])
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
+                      init_std=0.3, attention="einsum", **COMBOS[name])
   m = Decoder(cfg, rngs=nnx.Rngs(params=4))
   assert max_parity_error(m) < 1e-5
   batch = decode.generate(m, PROMPTS, max_new_tokens=6, eos_id=None, return_logits=True)

@@ -30,7 +30,7 @@ def _params_at(workdir, step=None, config=None):
   """Raw parameter arrays of a workdir's checkpoint (default: latest readable)."""
   config = config or tiny_config()
   state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
-                                   vocab_size=len(verbs.build_vocab()))
+                                   vocab_size=len(verbs.build_vocab()), keys_are_prefix=True)
   mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 100, create=False)
   got, tree, meta = ckpt.restore(mngr, step, state.checkpoint_tree())
   mngr.close()
@@ -60,7 +60,8 @@ def _poison(batch, value=np.inf):
 def _state_and_batch(nonfinite):
   config = tiny_config(**{"train.nonfinite": nonfinite})
   corpus, split, _ = verbs_source.splits(config)
-  state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab),
+                                      keys_are_prefix=True)
   batch = pipeline.train_batch(split, step=0, batch_size=config.data.batch_size, seed=0,
                                pad_id=corpus.vocab.pad_id)
   return state, batch
