@@ -21,7 +21,7 @@ shows medians. Workloads, all on the same ids (numpy seed 0, never the pad id):
   * train: `batch` x `seq` next-token cross-entropy + AdamW, `train_steps` steps.
     lmmask: `step.train_step` on the imported workdir's state, jitted with the
     state donated and sharded as `train.py` does (mesh.cpu_devices auto, as
-    `launch.py` resolves it; `logits_chunk=N` sets loss.logits_chunk);
+    `launch.py` resolves it; `set=loss.logits_chunk:128,...` sets config fields);
     transformers: LlamaForCausalLM eager + torch AdamW.
   * generate_b1, generate_b8: greedy, `new_tokens` new tokens, ragged prompts.
     lmmask: `decode.generate` (also with bfloat16 weights); transformers:
@@ -191,15 +191,17 @@ def main(argv):
   opts = dict(a.split("=", 1) for a in argv if "=" in a)
   words = [a for a in argv if "=" not in a]
   tiny = words == ["tiny"]
-  if (words and not tiny) or set(opts) - {"rounds", "baseline", "jobs", "logits_chunk"}:
+  if (words and not tiny) or set(opts) - {"rounds", "baseline", "jobs", "set"}:
     sys.exit(f"usage: python benchmarks/hf_compare.py [tiny] [rounds=N] [baseline=DIR] "
-             f"[jobs=train,infer] [logits_chunk=N]; got {argv}")
+             f"[jobs=train,infer] [set=loss.logits_chunk:128,model.remat:true]; got {argv}")
   jobs = tuple(opts.get("jobs", ",".join(JOBS)).split(","))
   if set(jobs) - set(JOBS):
     sys.exit(f"jobs must be a subset of {','.join(JOBS)}, got {jobs}")
   o = dict(TINY if tiny else FULL)
   o["rounds"] = int(opts.get("rounds", o["rounds"]))
-  o["logits_chunk"] = int(opts.get("logits_chunk", 0))  # lmmask's loss.logits_chunk
+  # config fields for lmmask's training process (not the baseline's)
+  o["lmmask_set"] = {k: json.loads(v) for k, v in (
+      kv.split(":", 1) for kv in opts.get("set", "").split(",") if kv)}
   prep = prepared(tiny)
   sides = {"lmmask": REPO, "transformers": None}
   if "baseline" in opts:
@@ -211,7 +213,8 @@ def main(argv):
     for job in jobs:
       for side, path in sides.items():  # alternate, so every side sees the same load
         role = "transformers" if side == "transformers" else "lmmask"
-        res = run_worker({"role": role, "job": job, "o": o, "prep": prep}, pythonpath=path)
+        oo = o if side == "lmmask" else dict(o, lmmask_set={})  # the baseline as configured
+        res = run_worker({"role": role, "job": job, "o": oo, "prep": prep}, pythonpath=path)
         res.update(side=side, job=job, round=r)
         print(json.dumps(res), flush=True)
         results.setdefault((side, job), []).append(res)

@@ -33,7 +33,9 @@ def lmmask_worker(job, o, prep):
     config.data.batch_size = o["batch"]
     config.data.eval_batch_size = o["batch"]
     config.optim.lr = LR
-    config.loss.logits_chunk = o.get("logits_chunk", 0)  # hf_compare.py logits_chunk=N
+    for key, value in o.get("lmmask_set", {}).items():  # hf_compare.py set=section.field:value
+      section, field = key.split(".")
+      config[section][field] = value
     n, why = parallel.resolve_cpu_devices(config)  # as launch.py, before JAX starts
     parallel.apply_cpu_devices(n)
     config.mesh.cpu_devices = n

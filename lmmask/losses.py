@@ -66,9 +66,7 @@ def reduce_loss(nll, mask, reduction: str):
 
 def _sums(nll, mask, pred, safe_targets):
   """The metrics that add up exactly across micro-batches and devices, from (B, T)
-  masked NLL, mask, predictions and targets. The one place they are derived (the
-  order of the operations is the recorded one: XLA's fusion, hence the last bit of
-  a sum, follows it)."""
+  masked NLL, mask, predictions and targets. The one place they are derived."""
   return {
       "nll_sum": nll.sum(),
       "num_tokens": mask.sum(),
