@@ -28,12 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmmask import config as config_lib
-from lmmask import (
-  packing,  # noqa: E402
-  parallel,  # noqa: E402
-)
+from lmmask import parallel  # noqa: E402
 from lmmask import step as step_lib  # noqa: E402
 from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
+from lmmask.data import packing  # noqa: E402
 from lmmask.model import count_params  # noqa: E402
 
 # name -> model / data sizes. "default" is the reference point of the measured tables.

@@ -181,10 +181,23 @@ def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1):
 
 def jit_train_step(step_fn, state, mesh: Mesh, rules=RULES):
   """jit `step_fn(state, batch)` with the state's shardings pinned on input and output
-  (the state is donated) and the batch split over data x fsdp."""
+  (the state is donated) and the batch split over data x fsdp. It is traced and run
+  with `mesh` set (jax.set_mesh), so the attention kernels, which XLA cannot split,
+  run inside shard_map on each device's rows (model._per_shard). `.jitted` is the
+  jitted function itself (for jax.export, under the same mesh)."""
   ss = state_shardings(state, mesh, rules)
-  return jax.jit(step_fn, in_shardings=(ss, batch_sharding(mesh)), out_shardings=(ss, None),
-                 donate_argnums=0)
+  jitted = jax.jit(step_fn, in_shardings=(ss, batch_sharding(mesh)), out_shardings=(ss, None),
+                   donate_argnums=0)
+
+  def run(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  def lower(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted.lower(state, batch)
+  run.jitted, run.mesh, run.lower = jitted, mesh, lower
+  return run
 
 
 # ---------------------------------------------------------------------------

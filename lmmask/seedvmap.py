@@ -165,7 +165,8 @@ def train_seed_group(configs, workdirs, log=print, final_extras=None) -> list[di
         for i in range(n):
           if stopped[i] is not None:
             continue
-          ev = train.evaluate_and_log(unstack(stacked, i), eval_sets, floors[i], loggers[i], done)
+          ev = train.evaluate_and_log(configs[i], unstack(stacked, i), sources[i], eval_sets,
+                                      floors[i], loggers[i], done)
           last_eval[i] = (done, ev)
           if ev["val_loss"] < best_val[i]:
             best_val[i], best_step[i] = ev["val_loss"], done

@@ -23,6 +23,7 @@ from lmmask import workdir as wd
 from lmmask.data import registry
 from lmmask.eval import evaluate as evaluation
 from lmmask.eval import floor as floor_lib
+from lmmask.eval import harness
 from lmmask.model import count_params
 
 
@@ -88,14 +89,18 @@ def train_row(metrics: dict) -> dict:
   return {k: v for k, v in metrics.items() if k not in ("nll_sum", "num_correct")}
 
 
-def evaluate_and_log(state, eval_sets, floor_monitor, logger, done: int) -> dict:
+def evaluate_and_log(config, state, data, eval_sets, floor_monitor, logger, done: int) -> dict:
   """The periodic evaluation: every eval set, the leak alarm below the entropy floor,
-  the log line. Returns the eval sets' numbers."""
+  the log lines, and eval.harness_tasks on the live weights (eval/harness.py).
+  Returns the eval sets' numbers."""
   ev = step_lib.run_evals(state, eval_sets)
+  floor = floor_monitor.check(done, ev)
   if logger is not None:
-    logger.write(done, "eval", dict(ev, **floor_monitor.check(done, ev)))
-  else:
-    floor_monitor.check(done, ev)
+    logger.write(done, "eval", dict(ev, **floor))
+  if config.eval.harness_tasks:
+    hv = harness.run_live(config, data, evaluation.host_state(state), done)
+    if logger is not None:
+      logger.write(done, "harness", hv)
   return ev
 
 
@@ -229,8 +234,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"initialised from {init_from} (step {base_step}); fresh optimizer", flush=True)
   if writer and not os.path.exists(model_file):
     wd.atomic_write_json(model_file, wd.model_record(config, data))
+  # model.attention resolved once, here (auto: by backend and packing); logged and kept
+  # with the run's provenance, not its results (the maths is the same on every path).
+  attention = config_lib.decoder_config(config, data.vocab_size).attention
+  print(f"lmmask: model.attention={config.model.attention} -> {attention} "
+        f"({jax.default_backend()})", file=sys.stderr, flush=True)
   if writer:
-    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE), wd.provenance())
+    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE),
+                         {**wd.provenance(), "attention": attention})
 
   total = config.train.steps
   nonfinite = NonfinitePolicy(config, skips, "lmmask")
@@ -281,7 +292,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                           tok_s=f"{metrics['tokens_per_sec']:.0f}")
       if is_due(done, config.train.eval_every, total):
-        ev = evaluate_and_log(state, eval_sets, floor_monitor, logger, done)
+        ev = evaluate_and_log(config, state, data, eval_sets, floor_monitor, logger, done)
         last_eval = (done, ev)
         if ev["val_loss"] < best_val:
           best_val = ev["val_loss"]

@@ -17,7 +17,7 @@ V = 13  # tiny vocabulary; id 0 is padding
 
 
 def _cfg(**kw):
-  base = dict(vocab_size=V, dropout=0.0, d_model=16, n_layers=2, n_heads=4, d_ff=24, max_len=12)
+  base = dict(vocab_size=V, dropout=0.0, d_model=16, n_layers=2, n_heads=4, d_ff=24, max_len=12, attention="einsum")
   base.update(kw)
   return M.DecoderConfig(**base)
 

@@ -176,12 +176,13 @@ def test_unsupported_options_are_refused():
                                                             "rope_theta": 123.0}}, vocab_size=10)
   assert fam == "llama" and cfg.rope_base == 123.0
   with pytest.raises(ValueError, match="norm='layernorm'"):
-    hf.family_of(DecoderConfig(vocab_size=10, dropout=0.0, pos_encoding="rope"))
+    hf.family_of(DecoderConfig(vocab_size=10, dropout=0.0, pos_encoding="rope", attention="einsum"))
   with pytest.raises(ValueError, match="gelu_approximate"):
-    hf.family_of(DecoderConfig(vocab_size=10, dropout=0.0))  # lmmask's default: learned, exact GELU
+    hf.family_of(DecoderConfig(vocab_size=10, dropout=0.0, attention="einsum"))  # lmmask's default: learned, exact GELU
   with pytest.raises(ValueError, match="head_bias"):
     hf.family_of(DecoderConfig(vocab_size=10, dropout=0.0, pos_encoding="rope", norm="rmsnorm",
-                               mlp="swiglu", qkv_bias=False, out_bias=False, mlp_bias=False))
+                               mlp="swiglu", qkv_bias=False, out_bias=False, mlp_bias=False,
+                               attention="einsum"))
 
 
 # ---------------------------------------------------------------------------

@@ -194,7 +194,8 @@ def test_chat_format_of_a_pretrained_template(imported):
 
 
 def test_family_of_refuses_native_option(tmp_path):
-  cfg = hf.DecoderConfig(vocab_size=16, dropout=0.0, pos_encoding="rope", norm="layernorm")
+  cfg = hf.DecoderConfig(vocab_size=16, dropout=0.0, pos_encoding="rope", norm="layernorm",
+                         attention="einsum")
   with pytest.raises(ValueError, match="DecoderConfig.norm"):
     hf.family_of(cfg)
   assert interop.export_tokenizer(None) is None

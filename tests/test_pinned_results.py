@@ -1,5 +1,7 @@
-"""results.json of the pinned tiny verbs and text runs, bit for bit as recorded before
-the redesign (timing keys excluded)."""
+"""results.json of the pinned tiny verbs and text runs, bit for bit as recorded (timing
+keys excluded). `python tests/fixtures/pinned/record.py` re-records them; that is
+legitimate only for an intended numeric change or a jax/XLA upgrade, said in the commit
+(tests/fixtures/README.md)."""
 import json
 import os
 

@@ -1,5 +1,5 @@
 """The corpus registry: the same batches, bit for bit, as the pre-registry loader
-(hashes recorded by tests/fixtures/pinned/record_batches.py), legacy workdirs and
+(hashes recorded by tests/fixtures/pinned/record.py), legacy workdirs and
 datasets read back, and the DataSource fields every corpus fills."""
 import hashlib
 import json
@@ -29,7 +29,7 @@ TRAIN_STEPS = (0, 1, 2, 7, 40)
 
 
 def batch_hash(b) -> str:
-  """The hash record_batches.py wrote (field names, dtypes, shapes and bytes)."""
+  """The hash tests/fixtures/pinned/record.py writes (field names, dtypes, shapes and bytes)."""
   h = hashlib.sha256()
   for f in FIELDS:
     a = np.ascontiguousarray(np.asarray(getattr(b, f)))

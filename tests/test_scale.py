@@ -79,7 +79,8 @@ def test_token_weights_all_zero_mask_is_zero():
 # Gradient accumulation (1 device): skewed micro-batches equal one batch.
 
 def _model(**kw):
-  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16, **kw)
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16,
+                      **{"attention": "einsum", **kw})
   return Decoder(cfg, rngs=nnx.Rngs(params=jax.random.PRNGKey(1)))
 
 
@@ -480,3 +481,37 @@ def test_packing_flag_per_corpus():
   c.data.corpus = "shards"
   with pytest.raises(ValueError, match="data.packing"):
     config_lib.validate(c)  # one whole document per row
+
+
+def _chunked_fn(graphdef, chunk):
+  """The LM head applied inside the loss, `chunk` positions at a time (loss.logits_chunk)."""
+  def f(p, mb, rng):
+    model = nnx.merge(graphdef, p)
+    hidden = model(mb.inputs, key_mask=mb.key_mask, positions=mb.positions,
+                   segment_ids=mb.segment_ids, apply_head=False)
+    return losses.ChunkedLogits(hidden, model.logits, chunk)
+  return f
+
+
+@pytest.mark.parametrize("reduction,steps", [("token_mean", 1), ("seq_mean_of_means", 2)])
+def test_chunked_logits_give_the_one_pass_loss_gradients_and_metrics(reduction, steps):
+  """Chunks of 5 over 11 positions (the last one padded), a row with no target, z-loss on."""
+  batch = batch_from_ids(_skewed_ids(np.random.default_rng(2)), pad_id=PAD)
+  gd, params = nnx.split(_model(), nnx.Param)
+  run = jax.jit(lambda p, b, fn: losses.loss_and_grads(fn, p, b, reduction=reduction,
+                                                       steps=steps, z_loss=1e-3),
+                static_argnums=2)
+  loss1, g1, m1 = run(params, batch, _logits_fn(gd))
+  loss5, g5, m5 = run(params, batch, _chunked_fn(gd, 5))
+  np.testing.assert_allclose(loss5, loss1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g5)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  assert sorted(m5) == sorted(m1)
+  for k in m1:
+    np.testing.assert_allclose(m5[k], m1[k], rtol=1e-6, err_msg=k)
+  # Planted bug: a mean of per-chunk token means is not the token mean; the
+  # tolerance above would catch it.
+  logits = _logits_fn(gd)(params, batch, None)
+  per_chunk = [losses.masked_cross_entropy(logits[:, c:c + 5], batch.targets[:, c:c + 5],
+                                           batch.loss_mask[:, c:c + 5])[0] for c in (0, 5, 10)]
+  assert abs(float(np.mean(per_chunk)) - float(m1["loss"])) > 1e-3 * float(m1["loss"])

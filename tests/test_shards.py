@@ -221,7 +221,7 @@ def test_no_token_attends_across_conversations(tmp_path):
                               pad_id=PAD)
   b = loader.batch(0)
   model = Decoder(DecoderConfig(vocab_size=50, dropout=0.0, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                                max_len=24), rngs=nnx.Rngs(params=0))
+                                max_len=24, attention="einsum"), rngs=nnx.Rngs(params=0))
 
   graphdef, params = nnx.split(model, nnx.Param)
 

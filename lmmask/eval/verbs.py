@@ -12,13 +12,11 @@
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lmmask import decode, losses
 from lmmask import step as step_lib
@@ -147,12 +145,10 @@ def per_character(counts: dict, metrics: dict, prefix: str = "") -> dict:
 # ---------------------------------------------------------------------------
 # Teacher-forced per-length and inference-mode (prefix recompute) losses.
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def _prefix_nll(graphdef, params, batch, col, causal):
-  model = nnx.merge(graphdef, params)
+@jax.jit
+def _prefix_nll(state, batch, col):
+  logits = step_lib.forward(state, state.params, batch, upto=col)
   cols = jnp.arange(batch.inputs.shape[1])[None, :]
-  km = batch.key_mask & (cols <= col)
-  logits = model(batch.inputs, key_mask=km, positions=batch.positions, causal=causal)
   sel = (cols == col).astype(jnp.float32) * batch.loss_mask
   nll, _, _ = losses.per_token_nll(logits, batch.targets, sel)
   correct = ((jnp.argmax(logits, -1) == batch.targets) * sel).sum()
@@ -164,8 +160,7 @@ def prefix_recompute_eval(state, batches) -> dict:
   nll = tokens = correct = 0.0
   for b in batches:
     for col in range(b.inputs.shape[1]):
-      n, t, c = jax.device_get(_prefix_nll(state.graphdef, state.params, b, col,
-                                           causal=state.causal))
+      n, t, c = jax.device_get(_prefix_nll(state, b, col))
       nll, tokens, correct = nll + float(n), tokens + float(t), correct + float(c)
   loss = nll / tokens if tokens else 0.0
   return {"loss": loss, "ppl": math.exp(loss), "accuracy": correct / tokens if tokens else 0.0,

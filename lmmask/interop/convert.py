@@ -62,7 +62,8 @@ def config_for(ck: hf.Checkpoint):
     c.data.bos_token = ck.tokenizer.special_tokens.get("bos_token") or ""
     c.data.eos_token = ck.tokenizer.special_tokens.get("eos_token") or ""
   for f in dataclasses.fields(ck.config):
-    c.model[f.name] = getattr(ck.config, f.name)
+    if f.name != "attention":  # a speed knob, not the checkpoint's: the config's (auto) stays
+      c.model[f.name] = getattr(ck.config, f.name)  # dropout: the import's NO_DROPOUT
   c.eval.max_new_tokens = 64  # generate's default budget: a whole reply in subword tokens
   config_lib.validate(c)
   return c

@@ -117,7 +117,8 @@ def decoder_config(source: dict, *, vocab_size: int, max_len: int | None = None)
       _refuse("activation_function", c["activation_function"], "GPT-2 needs gelu_new")
     d = int(c["n_embd"])
     return family, DecoderConfig(
-        vocab_size=vocab_size, dropout=NO_DROPOUT, d_model=d, n_layers=int(c["n_layer"]), n_heads=int(c["n_head"]),
+        vocab_size=vocab_size, dropout=NO_DROPOUT, attention="einsum", d_model=d,
+        n_layers=int(c["n_layer"]), n_heads=int(c["n_head"]),
         d_ff=int(c["n_inner"] or 4 * d), max_len=int(max_len or c["n_positions"]),
         gelu_approximate=True, pos_encoding="learned", norm="layernorm", mlp="gelu",
         tie_embeddings=bool(c["tie_word_embeddings"]), head_bias=False,
@@ -137,7 +138,8 @@ def decoder_config(source: dict, *, vocab_size: int, max_len: int | None = None)
   attn_bias = bool(c.get("attention_bias", False))
   kv = int(c["num_key_value_heads"] or h)
   return family, DecoderConfig(
-      vocab_size=vocab_size, dropout=NO_DROPOUT, d_model=d, n_layers=int(c["num_hidden_layers"]), n_heads=h,
+      vocab_size=vocab_size, dropout=NO_DROPOUT, attention="einsum", d_model=d,
+      n_layers=int(c["num_hidden_layers"]), n_heads=h,
       d_ff=int(c["intermediate_size"]), max_len=int(max_len or c["max_position_embeddings"]),
       pos_encoding="rope", rope_base=_rope_theta(c), norm="rmsnorm", mlp="swiglu",
       n_kv_heads=0 if kv == h else kv, tie_embeddings=bool(c["tie_word_embeddings"]),
