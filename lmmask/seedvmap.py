@@ -180,7 +180,7 @@ def train_seed_group(configs, workdirs, log=print, final_extras=None) -> list[di
     diverged = stopped[i] is not None
     if diverged:
       final_eval = _nan_results(eval_sets)
-      state = state.replace(step=jnp.asarray(stopped[i], jnp.int32))
+      state = state.replace(step=jnp.asarray(stopped[i], jnp.int32))  # the step it reached
     elif last_eval[i] is not None and last_eval[i][0] == done:
       final_eval = last_eval[i][1]
     else:
