@@ -48,6 +48,26 @@ def tiny_run(pinned_runs):
 
 
 PINNED = os.path.join(REPO, "tests", "fixtures", "pinned")
+
+
+def cpu_isa() -> str:
+  """The widest x86 vector extension of this host ("avx512", "avx2" or "other").
+  XLA:CPU compiles for the host it runs on; the vector width sets the order in which
+  long float sums are added, so the last bits of a loss summed over many tokens can
+  differ between machines with the same jax."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return "other"
+  return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
+def pinned_results_path(name: str) -> str:
+  """This host's recording of a pinned run: `<name>_results.<isa>.json` where one was
+  recorded for this host's vector extension, else `<name>_results.json`."""
+  own = os.path.join(PINNED, f"{name}_results.{cpu_isa()}.json")
+  return own if os.path.exists(own) else os.path.join(PINNED, f"{name}_results.json")
 LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy")
 LEGACY_PREFIX = "/tmp/fx/legacy"  # where tests/fixtures/legacy/MAKE.sh wrote the fixtures
 
