@@ -61,7 +61,8 @@ def _full_rows(spec, n=3, seed=0):
 
 def _logits(spec, batch, attention, dtype, packing):
   config = throughput.lm_config(spec, attention=attention, dtype=dtype, packing=packing)
-  state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"])
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"],
+                                      keys_are_prefix=not packing)  # right-padded rows
   return np.asarray(jax.jit(step_lib.forward)(state, state.params, batch), np.float32)
 
 
@@ -90,7 +91,8 @@ def check_bf16(dry):
   losses = {}
   for dtype in ("float32", "bfloat16"):
     config = throughput.lm_config(spec, dtype=dtype)
-    state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"])
+    state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"],
+                                        keys_are_prefix=True)  # right-padded rows
     _, m = jax.jit(step_lib.train_step)(state, b)
     losses[dtype] = (float(m["loss"]), str(m["loss"].dtype))
   rel = abs(losses["bfloat16"][0] - losses["float32"][0]) / losses["float32"][0]

@@ -148,7 +148,9 @@ class JaxRunner:
     self.spec, self.batches = spec, [jax.device_put(b) for b in batches]
     config = lm_config(spec, **cfg_kw)
     self.state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
-                                          vocab_size=spec["vocab"])
+                                          vocab_size=spec["vocab"],
+                                          # right-padded rows, one per document unless packed
+                                          keys_are_prefix=not config.data.packing)
     self.config = config
     self.mesh = None
     if jax.device_count() > 1:  # e.g. cpu_devices=2: the batch split over the devices

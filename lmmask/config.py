@@ -119,6 +119,8 @@ def defaults() -> ConfigDict:
   c.loss.reduction = "token_mean"       # token_mean | seq_mean | seq_mean_of_means | sum
   c.loss.z_loss = 0.0                   # z-loss coefficient (t5x: 1e-4); 0 disables; logged
                                         # as `z_loss`, never part of the reported loss/PPL
+  c.loss.logits_chunk = 0               # >0: training loss over chunks of this many positions,
+                                        # float32 (B,T,V) logits never whole (memory); 0: one pass
 
   c.optim = o = ConfigDict()
   o.name = "adamw"                      # adamw | sgd
@@ -170,6 +172,18 @@ def defaults() -> ConfigDict:
   e.audit_batches = 2                   # eval batches (per split) the audit probes use
   e.audit_heatmaps = 3                  # examples drawn as attention heat maps by the audit
   e.prompt_tokens = 16                  # text eval: tokens of each held-out opening to continue
+  # lm-evaluation-harness (lmmask/eval/harness.py, docs/evaluation.md; pip install "lmmask[eval]").
+  e.harness_tasks = ""                  # comma-separated lm-eval tasks (names or YAML files) run
+                                        # on the live weights at every eval_every; "" = none
+  e.harness_include_path = ""           # a folder of task YAMLs (e.g. tasks/) for task names
+  e.harness_limit = 0                   # examples per task in training (0 = all)
+  e.harness_num_fewshot = -1            # few-shot examples in training (-1 = the task's own)
+  e.harness_batch_rows = 8              # rows per scoring forward; prompts per generate batch
+  e.harness_row_tokens = 512            # packed row length (a longer request gets its own row)
+  e.harness_packing = True              # several requests per row (segment ids); False: one
+  e.harness_truncation = True           # left-truncate requests longer than the model (as the
+                                        # hf backend); False: refuse them
+  e.harness_max_gen_toks = 256          # generation budget when a task sets none (lm-eval's)
 
   # The add-k n-gram baseline on the same split (lmmask/eval/ngram.py).
   c.baseline = ConfigDict()
@@ -374,7 +388,7 @@ def validate(config) -> None:
   def need(cond, field, msg):
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
-  d, m, o, t = config.data, config.model, config.optim, config.train
+  d, m, o, t, e = config.data, config.model, config.optim, config.train, config.eval
   need(d.corpus in CORPORA, "data.corpus", f"unknown corpus {d.corpus!r}; valid: "
        f"{', '.join(CORPORA)}")
   need(d.tokens in verbs.TOKENIZATIONS, "data.tokens", f"unknown tokenization {d.tokens!r}; "
@@ -398,12 +412,16 @@ def validate(config) -> None:
   need(m.d_model % m.n_heads == 0, "model.d_model",
        f"{m.d_model} is not divisible by model.n_heads={m.n_heads}; make d_model a multiple "
        f"of n_heads (e.g. {m.n_heads * max(1, m.d_model // m.n_heads)}) or change n_heads")
+  for f in ("remat", "scan_layers"):  # the Decoder cannot thread dropout keys through them
+    need(not (m[f] and m.dropout > 0), f"model.{f}", f"True needs model.dropout=0 (is {m.dropout}) or model.{f}=False")
   need(m.max_len >= d.length - 1, "model.max_len",
        f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
   need(config.loss.reduction in losses.REDUCTIONS, "loss.reduction",
        f"unknown reduction {config.loss.reduction!r}; valid: {', '.join(losses.REDUCTIONS)}")
   need(config.loss.z_loss >= 0, "loss.z_loss", f"must be >= 0 (0 disables), got "
        f"{config.loss.z_loss}")
+  need(_is_int(config.loss.logits_chunk) and config.loss.logits_chunk >= 0, "loss.logits_chunk",
+       f"must be an int >= 0 (0 = one pass), got {config.loss.logits_chunk!r}")
   need(_is_num(o.lr) and o.lr > 0, "optim.lr", f"must be a number > 0, got {o.lr!r}")
   need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   need(o.decay_steps > o.warmup_steps, "optim.decay_steps",
@@ -434,6 +452,8 @@ def validate(config) -> None:
        "packing fills rows from the left; set data.pad_side=right with data.packing")
   need(config.eval.direction in DIRECTIONS, "eval.direction",
        f"must be one of {', '.join(DIRECTIONS)}, got {config.eval.direction!r}")
+  need(not e.harness_tasks or importlib.util.find_spec("lm_eval") is not None,
+       "eval.harness_tasks", 'lm-eval tasks need the eval extra: pip install "lmmask[eval]"')
   need(config.eval.floor_tolerance >= 0, "eval.floor_tolerance",
        f"must be >= 0, got {config.eval.floor_tolerance}")
   cpu, dist = config.mesh.cpu_devices, config.distributed

@@ -101,7 +101,9 @@ def lower_train_step(config, platform: str) -> tuple[dict, str]:
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch_size(config.data.batch_size, mesh, config.optim.grad_accum_steps)
   state = jax.eval_shape(lambda: step_lib.create_train_state(
-      config, jax.random.PRNGKey(config.seed), vocab_size=m.vocab_size))
+      config, jax.random.PRNGKey(config.seed), vocab_size=m.vocab_size,
+      # No corpus is read: the general form (segment ids honoured) that every corpus may use.
+      keys_are_prefix=False))
   shardings = parallel.state_shardings(state, mesh)
   state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)

@@ -46,6 +46,19 @@ def key_padding_mask(key_mask) -> jnp.ndarray:
   return key_mask.astype(bool)[:, None, None, :]
 
 
+def keys_up_to(key_mask, last) -> jnp.ndarray:
+  """(B, T) key mask with every key after column `last` hidden (`last` may be traced).
+
+  Column `last` then sees its prefix alone, whatever the model's attention mask: the
+  view of a model run on a sequence that ends there (inference mode, decoding
+  without a cache).
+  """
+  key_mask = jnp.asarray(key_mask)
+  if key_mask.ndim != 2:
+    raise ValueError(f"key_mask must be (B, T), got shape {key_mask.shape}")
+  return key_mask.astype(bool) & (jnp.arange(key_mask.shape[1])[None, :] <= last)
+
+
 def segment_mask(segment_ids) -> jnp.ndarray:
   """Bool (B, 1, T, T): query and key in the same segment, key not padding (id 0)."""
   seg = jnp.asarray(segment_ids)
@@ -133,19 +146,6 @@ def attention_structure(key_mask, *, segment_ids=None, causal: bool = True,
   if keys_are_prefix:
     return AttentionStructure(bool(causal), key_mask.sum(axis=1).astype(jnp.int32), None)
   return AttentionStructure(bool(causal), None, key_padding_mask(key_mask))
-
-
-def structure_to_mask(structure: AttentionStructure, t: int) -> jnp.ndarray:
-  """Expand an AttentionStructure back to the dense bool (B, 1, T, T) mask it means."""
-  mask = jnp.ones((1, 1, t, t), bool)
-  if structure.is_causal:
-    mask = mask & causal_mask(t)
-  if structure.key_value_seq_lengths is not None:
-    lengths = jnp.asarray(structure.key_value_seq_lengths)
-    mask = mask & (jnp.arange(t)[None, :] < lengths[:, None])[:, None, None, :]
-  if structure.mask is not None:
-    mask = mask & structure.mask
-  return mask
 
 
 def rows_with_key(key_mask, *, segment_ids=None, causal: bool = True) -> jnp.ndarray:

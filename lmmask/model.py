@@ -84,12 +84,12 @@ def resolve_attention(name: str, platform: str, *, packed: bool) -> str:
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   vocab_size: int
+  dropout: float                  # model.dropout of the config (decoder_config); no default here
   d_model: int = 64
   n_layers: int = 2
   n_heads: int = 4
   d_ff: int = 192
   max_len: int = 16
-  dropout: float = 0.0
   dtype: str = "float32"          # compute dtype of activations; params, logits of
                                   # attention, softmax and loss stay float32
   gelu_approximate: bool = False  # False: exact erf GELU; True: tanh approximation
@@ -503,7 +503,7 @@ class Decoder(nnx.Module):
   def __call__(self, inputs, *, key_mask=None, positions=None, segment_ids=None,
                head_mask=None, causal: bool = True, return_attention: bool = False,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               keys_are_prefix: bool = False):
+               keys_are_prefix: bool = False, apply_head: bool = True):
     """inputs (B, T) int -> logits (B, T, V) float32 [, list of (B, H, T, T) probs].
 
     key_mask: (B, T) True on real tokens (default: all real).
@@ -513,6 +513,8 @@ class Decoder(nnx.Module):
     deterministic / rngs: dropout off, or on with ``rngs.dropout``.
     keys_are_prefix: static promise that real keys are a prefix of each row (right
       padding, no packing); lets the fused attention paths use sequence lengths.
+    apply_head: False returns the final residual stream (B, T, d_model) instead of
+      the logits, for a loss that applies `logits` a chunk at a time.
     """
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be (B, T) token ids, got shape {inputs.shape}")
@@ -567,10 +569,29 @@ class Decoder(nnx.Module):
           x, probs = block(x, bias, has_key, hm, deterministic, rngs, positions)
         if return_attention:
           all_probs.append(probs)
+    if not apply_head:
+      return x
     logits = self.logits(x)
     if return_attention:
       return logits, all_probs
     return logits
+
+
+def prefix_forward(model: Decoder, inputs, *, key_mask, causal: bool, positions=None,
+                   segment_ids=None, upto=None, **kw):
+  """The one forward of token ids: logits (B, T, V) of `model` on `inputs`.
+
+  `step.forward` (training, evaluation), `decode` (generation without a KV cache) and
+  the verbs inference-mode loss all go through here, so they see the same masks.
+  upto: None, or a column (may be traced): every key after it is hidden
+  (`masks.keys_up_to`), so column `upto` is predicted from its prefix alone, as at
+  inference, even for a model trained without the causal mask.
+  Other keywords go to `Decoder.__call__`.
+  """
+  if upto is not None:
+    key_mask = masks.keys_up_to(key_mask, upto)
+  return model(inputs, key_mask=key_mask, positions=positions, segment_ids=segment_ids,
+               causal=causal, **kw)
 
 
 def _remat_block(block, x, bias, has_key, head_mask, deterministic, positions):

@@ -224,14 +224,14 @@ def initialize_distributed(dist_config) -> bool:
     return False
   if jax.distributed.is_initialized():  # e.g. eval after train in one process
     return True
-  timeouts = dict(heartbeat_timeout_seconds=int(dist_config.get("heartbeat_timeout_s", 100)),
-                  shutdown_timeout_seconds=int(dist_config.get("shutdown_timeout_s", 300)))
+  if mode not in ("auto", "manual"):
+    raise ValueError(f"distributed.mode must be off | auto | manual, got {mode!r}")
+  timeouts = dict(heartbeat_timeout_seconds=int(dist_config.heartbeat_timeout_s),
+                  shutdown_timeout_seconds=int(dist_config.shutdown_timeout_s))
   _use_gloo_on_cpu()
   if mode == "auto":
     jax.distributed.initialize(**timeouts)
     return True
-  if mode != "manual":
-    raise ValueError(f"distributed.mode must be off | auto | manual, got {mode!r}")
   addr = dist_config.coordinator_address or os.environ.get("LMMASK_COORDINATOR")
   nproc = dist_config.num_processes
   pid = dist_config.process_id
@@ -254,9 +254,10 @@ def initialize_distributed(dist_config) -> bool:
 _BARRIERS = itertools.count()  # every process passes the same barriers in the same order
 
 
-def barrier(name: str, timeout_s: int = 1800):
+def barrier(name: str, timeout_s: int):
   """Wait until every process reaches this point (no-op with one process). Raises
-  after `timeout_s` naming the barrier, so a lost peer never hangs a run."""
+  after `timeout_s` (distributed.barrier_timeout_s) naming the barrier, so a lost
+  peer never hangs a run."""
   if jax.process_count() == 1:
     return
   key = f"lmmask_{name}_{next(_BARRIERS)}"

@@ -163,7 +163,7 @@ def test_kernel_refuses_unpadded_sequence():
 # The decoder: rope + grouped heads, equal to einsum; the leak test for every path.
 
 def _decoder(impl):
-  cfg = M.DecoderConfig(vocab_size=29, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+  cfg = M.DecoderConfig(vocab_size=29, dropout=0.0, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                         d_ff=48, max_len=T, pos_encoding="rope", attention=impl)
   return M.Decoder(cfg, rngs=nnx.Rngs(params=0))
 
@@ -239,7 +239,8 @@ def train_state(impl):
   config = tiny_config(**{"model.attention": impl, "model.dropout": 0.0, "data.packing": True,
                           "model.pos_encoding": "rope", "model.n_kv_heads": 2,
                           "model.max_len": 40, "model.scan_layers": True})  # one kernel body
-  return step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=40)
+  return step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=40,
+                                     keys_are_prefix=False)
 
 
 def _losses(impl, batches):
@@ -313,7 +314,7 @@ def test_audit_attention_maps_come_from_einsum_on_the_same_weights():
   batch = _packed_batches(1)[0]
   states = {impl: step_lib.create_train_state(
       tiny_config(**{"model.attention": impl, "data.packing": True, "model.max_len": 40}),
-      jax.random.PRNGKey(0), vocab_size=40) for impl in ("einsum", "splash")}
+      jax.random.PRNGKey(0), vocab_size=40, keys_are_prefix=False) for impl in ("einsum", "splash")}
   assert audit.attention_path(states["splash"]) == "splash"
   assert audit.attention_stats(states["splash"], [batch]) == \
       audit.attention_stats(states["einsum"], [batch])

@@ -283,7 +283,8 @@ def audit_workdir(workdir: str, config=None, step=None, which: str = "latest"):
     config_lib.validate(config)
     data = registry.load(config, workdir)
     state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                        vocab_size=data.vocab_size)
+                                        vocab_size=data.vocab_size,
+                                        keys_are_prefix=data.keys_are_prefix)
     source = "fresh (untrained) model from --config"
   else:
     raise FileNotFoundError(f"no checkpoints in {workdir} and no --config given: nothing to "
