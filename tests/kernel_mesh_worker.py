@@ -18,7 +18,7 @@ from lmmask import step as step_lib  # noqa: E402
 
 def _state(impl):
   config = tiny_config(**{"model.attention": impl, "model.dropout": 0.0, "data.packing": True,
-                          "model.max_len": 40})
+                          "model.max_len": 40, "model.scan_layers": True})
   return step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=40,
                                      keys_are_prefix=False)
 

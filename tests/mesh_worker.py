@@ -93,9 +93,9 @@ def main():
 
   # Checkpoint saved on 4 x 2, restored on 8 x 1, 2 x 4 and one device.
   with tempfile.TemporaryDirectory() as tmp:
-    mngr = ckpt.manager(tmp, "c", 2)
+    mngr = ckpt.manager(tmp, "c", 2, barrier_timeout_s=config.distributed.barrier_timeout_s)
     ckpt.save(mngr, 1, new.checkpoint_tree(), {"note": "4x2"})
-    mngr.wait_until_finished()
+    ckpt.finish(mngr)
     restored = {}
     for name, target in (("8x1", parallel.shard_state(base, parallel.make_mesh(8, 1))),
                          ("2x4", parallel.shard_state(base, parallel.make_mesh(2, 4))),

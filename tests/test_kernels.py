@@ -234,7 +234,7 @@ def _packed_batches(n, rows=4, length=41, vocab=40, seed=0):
 def _losses(impl, batches):
   config = tiny_config(**{"model.attention": impl, "model.dropout": 0.0, "data.packing": True,
                           "model.pos_encoding": "rope", "model.n_kv_heads": 2,
-                          "model.max_len": 40})
+                          "model.max_len": 40, "model.scan_layers": True})  # one kernel body
   state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=40,
                                       keys_are_prefix=False)
   step = jax.jit(step_lib.train_step)

@@ -174,7 +174,7 @@ def test_segment_ids_block_cross_document_attention(model):
 ])
 def test_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    DecoderConfig(vocab_size=10, dropout=0.0, attention="einsum", **kwargs)
+    DecoderConfig(**{"vocab_size": 10, "dropout": 0.0, "attention": "einsum", **kwargs})
 
 
 def test_too_long_input_is_refused(model):
