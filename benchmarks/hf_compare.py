@@ -166,7 +166,9 @@ def run_worker(args, pythonpath=None):
   p = subprocess.run([sys.executable, script, "worker", json.dumps(args)],
                      env=env, capture_output=True, text=True)
   if p.returncode:
-    sys.exit(f"worker {args['role']} {args.get('job')} failed:\n{p.stderr[-4000:]}")
+    why = " (killed: SIGKILL, e.g. the kernel's out-of-memory killer)" if p.returncode == -9 else ""
+    sys.exit(f"worker {args['role']} {args.get('job')} failed with return code "
+             f"{p.returncode}{why}:\n{p.stderr[-4000:]}")
   out = json.loads(p.stdout.strip().splitlines()[-1])
   out.update(wall_s=round(time.perf_counter() - t, 1), load=os.getloadavg())
   return out
