@@ -21,7 +21,8 @@ shows medians. Workloads, all on the same ids (numpy seed 0, never the pad id):
   * train: `batch` x `seq` next-token cross-entropy + AdamW, `train_steps` steps.
     lmmask: `step.train_step` on the imported workdir's state, jitted with the
     state donated and sharded as `train.py` does (mesh.cpu_devices auto, as
-    `launch.py` resolves it); transformers: LlamaForCausalLM eager + torch AdamW.
+    `launch.py` resolves it; `set=loss.logits_chunk:128,...` sets config fields);
+    transformers: LlamaForCausalLM eager + torch AdamW.
   * generate_b1, generate_b8: greedy, `new_tokens` new tokens, ragged prompts.
     lmmask: `decode.generate` (also with bfloat16 weights); transformers:
     `model.generate` (eager, its KV cache).
@@ -165,7 +166,9 @@ def run_worker(args, pythonpath=None):
   p = subprocess.run([sys.executable, script, "worker", json.dumps(args)],
                      env=env, capture_output=True, text=True)
   if p.returncode:
-    sys.exit(f"worker {args['role']} {args.get('job')} failed:\n{p.stderr[-4000:]}")
+    why = " (killed: SIGKILL, e.g. the kernel's out-of-memory killer)" if p.returncode == -9 else ""
+    sys.exit(f"worker {args['role']} {args.get('job')} failed with return code "
+             f"{p.returncode}{why}:\n{p.stderr[-4000:]}")
   out = json.loads(p.stdout.strip().splitlines()[-1])
   out.update(wall_s=round(time.perf_counter() - t, 1), load=os.getloadavg())
   return out
@@ -190,14 +193,17 @@ def main(argv):
   opts = dict(a.split("=", 1) for a in argv if "=" in a)
   words = [a for a in argv if "=" not in a]
   tiny = words == ["tiny"]
-  if (words and not tiny) or set(opts) - {"rounds", "baseline", "jobs"}:
+  if (words and not tiny) or set(opts) - {"rounds", "baseline", "jobs", "set"}:
     sys.exit(f"usage: python benchmarks/hf_compare.py [tiny] [rounds=N] [baseline=DIR] "
-             f"[jobs=train,infer]; got {argv}")
+             f"[jobs=train,infer] [set=loss.logits_chunk:128,model.remat:true]; got {argv}")
   jobs = tuple(opts.get("jobs", ",".join(JOBS)).split(","))
   if set(jobs) - set(JOBS):
     sys.exit(f"jobs must be a subset of {','.join(JOBS)}, got {jobs}")
   o = dict(TINY if tiny else FULL)
   o["rounds"] = int(opts.get("rounds", o["rounds"]))
+  # config fields for lmmask's training process (not the baseline's)
+  o["lmmask_set"] = {k: json.loads(v) for k, v in (
+      kv.split(":", 1) for kv in opts.get("set", "").split(",") if kv)}
   prep = prepared(tiny)
   sides = {"lmmask": REPO, "transformers": None}
   if "baseline" in opts:
@@ -209,7 +215,8 @@ def main(argv):
     for job in jobs:
       for side, path in sides.items():  # alternate, so every side sees the same load
         role = "transformers" if side == "transformers" else "lmmask"
-        res = run_worker({"role": role, "job": job, "o": o, "prep": prep}, pythonpath=path)
+        oo = o if side == "lmmask" else dict(o, lmmask_set={})  # the baseline as configured
+        res = run_worker({"role": role, "job": job, "o": oo, "prep": prep}, pythonpath=path)
         res.update(side=side, job=job, round=r)
         print(json.dumps(res), flush=True)
         results.setdefault((side, job), []).append(res)
@@ -251,9 +258,13 @@ def table(results, sides, o, bw, tiny, jobs):
     txt = ["n/a" if c is None else f"{c[0]:.0f} MiB" for c in cells]
     ratio = "" if None in cells[:2] else f"{cells[0][0] / cells[1][0]:.2f}x"
     lines.append(f"| peak RSS, {job} process | " + " | ".join(txt) + f" | {ratio} | |")
-  agree = med("lmmask", "bf16_token_agreement", "infer")
+  agree = med("lmmask", "bf16_top1_agreement", "infer")
   if agree:
-    lines.append(f"\nbfloat16 weights: {100 * agree[0]:.1f}% of greedy tokens equal to float32's")
+    lines.append(f"\nbfloat16 weights against float32: teacher-forced argmax equal at "
+                 f"{100 * agree[0]:.1f}% of positions, greedy continuations equal for the first "
+                 f"{med('lmmask', 'bf16_greedy_prefix_tokens', 'infer')[0]:.0f} tokens (median "
+                 f"row), largest logit difference "
+                 f"{med('lmmask', 'bf16_max_abs_logit_diff', 'infer')[0]:.2f}")
   loads = [r["load"][0] for rs in results.values() for r in rs]
   lines.append(f"load average (1 min) during the processes: {min(loads):.1f}-{max(loads):.1f} "
                f"on {os.cpu_count()} cores")

@@ -33,6 +33,9 @@ def lmmask_worker(job, o, prep):
     config.data.batch_size = o["batch"]
     config.data.eval_batch_size = o["batch"]
     config.optim.lr = LR
+    for key, value in o.get("lmmask_set", {}).items():  # hf_compare.py set=section.field:value
+      section, field = key.split(".")
+      config[section][field] = value
     n, why = parallel.resolve_cpu_devices(config)  # as launch.py, before JAX starts
     parallel.apply_cpu_devices(n)
     config.mesh.cpu_devices = n
@@ -70,8 +73,14 @@ def lmmask_worker(job, o, prep):
         info[f"generate_b{b}{tag}"] = b * n / timed(gen)
       if dtype is None:
         ref = gen().tokens
-      else:
-        info["bf16_token_agreement"] = float((gen().tokens == ref).mean())
+      else:  # greedy tokens equal to float32's before the first difference, per row
+        same = np.cumprod(gen().tokens == ref, axis=1).sum(axis=1)
+        info["bf16_greedy_prefix_tokens"] = float(np.median(same))
+        # teacher-forced: the same argmax as float32 at every position of the score ids
+        f32, b16 = (np.asarray(jax.jit(lambda mm, x: mm(x))(mm, jnp.asarray(score)))
+                    for mm in (model, m))
+        info["bf16_top1_agreement"] = float((f32.argmax(-1) == b16.argmax(-1)).mean())
+        info["bf16_max_abs_logit_diff"] = float(np.abs(f32 - b16).max())
     fwd = jax.jit(lambda m, ids: losses.per_token_nll(
         m(ids[:, :-1]), ids[:, 1:], jnp.ones(ids[:, 1:].shape))[0].sum(1))
 

@@ -64,14 +64,14 @@ def reduce_loss(nll, mask, reduction: str):
   return seq_sum.sum()
 
 
-def _sums(nll, mask, correct):
+def _sums(nll, mask, pred, safe_targets):
   """The metrics that add up exactly across micro-batches and devices, from (B, T)
-  masked NLL, mask and correct-prediction arrays. The one place they are derived."""
+  masked NLL, mask, predictions and targets. The one place they are derived."""
   return {
       "nll_sum": nll.sum(),
       "num_tokens": mask.sum(),
       "num_seqs": (mask.sum(axis=1) > 0).sum().astype(jnp.float32),
-      "num_correct": correct.sum(),
+      "num_correct": ((pred == safe_targets) * mask).sum(),
   }
 
 
@@ -80,7 +80,7 @@ def token_sums(logits, targets, loss_mask):
   num_tokens, num_seqs, num_correct."""
   nll, safe_targets, mask = per_token_nll(logits, targets, loss_mask)
   pred = jnp.argmax(logits, axis=-1)
-  return nll, mask, _sums(nll, mask, (pred == safe_targets) * mask)
+  return nll, mask, _sums(nll, mask, pred, safe_targets)
 
 
 class ChunkedLogits(NamedTuple):
@@ -111,13 +111,13 @@ def chunked_token_sums(logits: ChunkedLogits, targets, loss_mask):
     h, tg, m = xs
     lg = head(h).astype(jnp.float32)
     nll, safe, mk = per_token_nll(lg, tg, m)
-    return nll, (jnp.argmax(lg, axis=-1) == safe) * mk, jax.nn.logsumexp(lg, axis=-1)
+    return nll, jnp.argmax(lg, axis=-1), safe, jax.nn.logsumexp(lg, axis=-1)
 
   out = jax.lax.map(one, (split(hidden), split(jnp.asarray(targets)),
                           split(jnp.asarray(loss_mask).astype(jnp.float32))))
-  nll, correct, logz = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in out)
+  nll, pred, safe, logz = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in out)
   mask = jnp.asarray(loss_mask).astype(jnp.float32)
-  return nll, mask, _sums(nll, mask, correct), logz
+  return nll, mask, _sums(nll, mask, pred, safe), logz
 
 
 def masked_cross_entropy(logits, targets, loss_mask, *, reduction: str = "token_mean"):

@@ -173,7 +173,8 @@ def restore_state(workdir: str, which: str = "latest", step: int | None = None, 
     except ValueError:  # the run's own mesh does not fit these devices: data parallel
       mesh = parallel.make_mesh(-1, 1)
     state = parallel.shard_state(state, mesh)
-  mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False)
+  mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   try:
     restored, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
   finally:

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 # A persistent XLA cache shared by every test process (and subprocess), so the
 # suite compiles each distinct program once per machine, not once per test.
@@ -48,6 +50,26 @@ def tiny_run(pinned_runs):
 
 
 PINNED = os.path.join(REPO, "tests", "fixtures", "pinned")
+
+
+def cpu_isa() -> str:
+  """The widest x86 vector extension of this host ("avx512", "avx2" or "other").
+  XLA:CPU compiles for the host it runs on; the vector width sets the order in which
+  long float sums are added, so the last bits of a loss summed over many tokens can
+  differ between machines with the same jax."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return "other"
+  return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
+def pinned_results_path(name: str) -> str:
+  """This host's recording of a pinned run: `<name>_results.<isa>.json` where one was
+  recorded for this host's vector extension, else `<name>_results.json`."""
+  own = os.path.join(PINNED, f"{name}_results.{cpu_isa()}.json")
+  return own if os.path.exists(own) else os.path.join(PINNED, f"{name}_results.json")
 LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy")
 LEGACY_PREFIX = "/tmp/fx/legacy"  # where tests/fixtures/legacy/MAKE.sh wrote the fixtures
 
@@ -91,3 +113,47 @@ def copy_legacy(dest):
 def legacy(tmp_path_factory):
   """A session copy of the legacy workdirs (tests that write into them copy again)."""
   return copy_legacy(tmp_path_factory.mktemp("legacy_session") / "legacy")
+
+
+class EightDevices:
+  """tests/mesh_worker.py running in its own process with 8 XLA:CPU devices."""
+
+  def __init__(self, base):
+    self.base = str(base)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    self.log = open(os.path.join(self.base, "worker.log"), "w+")
+    self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "mesh_worker.py"),
+                                  self.base], env=env, cwd=REPO, stdout=self.log,
+                                 stderr=subprocess.STDOUT, text=True)
+    self._result = None
+
+  def result(self, timeout=600):
+    """The worker's JSON result (waits for it; fails the test with its output if it failed)."""
+    if self._result is None:
+      try:
+        rc = self.proc.wait(timeout=timeout)
+      finally:
+        self.stop()
+      self.log.seek(0)
+      text = self.log.read()
+      lines = [l for l in text.splitlines() if l.startswith("RESULT ")]
+      if rc != 0 or not lines:
+        pytest.fail(f"8-device worker exited {rc}:\n{text[-8000:]}", pytrace=False)
+      self._result = json.loads(lines[-1][len("RESULT "):])
+    return self._result
+
+  def stop(self):
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def eight_devices(tmp_path_factory):
+  """The one process with 8 fake CPU devices, started at first use and shared: it trains
+  test_multiprocess's 8-device runs and measures test_mesh's sharding checks, so the suite
+  starts JAX on 8 devices once (the device count is fixed when JAX starts)."""
+  worker = EightDevices(tmp_path_factory.mktemp("eight_devices"))
+  yield worker
+  worker.stop()

@@ -9,28 +9,20 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_config  # noqa: E402  (sets the shared compilation cache)
-from test_kernels import _packed_batches  # noqa: E402
+from test_kernels import _packed_batches, train_state  # noqa: E402  (sets the test cache)
 
 from lmmask import model, parallel  # noqa: E402
 from lmmask import step as step_lib  # noqa: E402
 
 
-def _state(impl):
-  config = tiny_config(**{"model.attention": impl, "model.dropout": 0.0, "data.packing": True,
-                          "model.max_len": 40})
-  return step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=40,
-                                     keys_are_prefix=False)
-
-
 def main():
-  batch = _packed_batches(1, rows=8)[0]
-  ref_state, ref = jax.jit(step_lib.train_step)(_state("einsum"), batch)
+  batch = _packed_batches(1)[0]  # the training test's first batch
+  ref_state, ref = jax.jit(step_lib.train_step)(train_state("einsum"), batch)
   ref_params = jax.device_get(ref_state.params)
   out = {"devices": jax.device_count()}
   mesh = parallel.make_mesh(4, 2)
   for impl in model.KERNELS:
-    base = _state(impl)
+    base = train_state(impl)
     step = parallel.jit_train_step(step_lib.train_step, base, mesh)
     with jax.set_mesh(mesh):  # the kernel runs per shard: a shard_map in the step
       jaxpr = str(jax.make_jaxpr(step.jitted)(base, batch))

@@ -1,6 +1,9 @@
-"""Run by tests/test_mesh.py in a subprocess with 8 fake CPU devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=8). Prints one JSON line of
-measured differences; the test decides pass/fail."""
+"""The one process of the test suite with 8 fake CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8), started by conftest's `eight_devices`
+fixture: `python tests/mesh_worker.py BASE` trains tests/test_multiprocess.py's 8-device
+reference runs into BASE, then measures tests/test_mesh.py's sharding, accumulation and
+restore differences, and prints one JSON line; the tests decide pass/fail. One process
+for both: JAX starts on 8 devices once per test run."""
 import dataclasses
 import json
 import os
@@ -11,7 +14,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_config  # noqa: E402  (sets the shared compilation cache)
+import test_multiprocess as mp  # noqa: E402  (its runs and their settings)
+from conftest import load_config, tiny_config  # noqa: E402  (sets the shared compilation cache)
 
 from lmmask import checkpoint as ckpt  # noqa: E402
 from lmmask import (  # noqa: E402
@@ -41,8 +45,19 @@ def max_rel(a_tree, b_tree):
   return worst
 
 
-def main():
-  out = {"devices": jax.device_count()}
+def reference_runs(base):
+  """tests/test_multiprocess.py's runs on one process with 8 devices: {name: workdir}."""
+  out = {}
+  for name, path in mp.CONFIGS.items():
+    workdir = os.path.join(base, f"{name}_8dev")
+    train.train_and_evaluate(load_config(path.split("/")[1].split(":")[0], "tiny",
+                                         **{**mp.EXACT, **mp.MESH}), workdir)
+    out[name] = workdir
+  return out
+
+
+def main(base):
+  out = {"devices": jax.device_count(), "runs": reference_runs(base)}
   config = tiny_config(**{"model.dropout": 0.0, "optim.name": "sgd", "optim.clip_norm": 0.0,
                           "optim.warmup_steps": 0, "optim.schedule": "constant",
                           "optim.lr": 0.5, "optim.weight_decay": 0.0})
@@ -93,9 +108,9 @@ def main():
 
   # Checkpoint saved on 4 x 2, restored on 8 x 1, 2 x 4 and one device.
   with tempfile.TemporaryDirectory() as tmp:
-    mngr = ckpt.manager(tmp, "c", 2)
+    mngr = ckpt.manager(tmp, "c", 2, barrier_timeout_s=config.distributed.barrier_timeout_s)
     ckpt.save(mngr, 1, new.checkpoint_tree(), {"note": "4x2"})
-    mngr.wait_until_finished()
+    ckpt.finish(mngr)
     restored = {}
     for name, target in (("8x1", parallel.shard_state(base, parallel.make_mesh(8, 1))),
                          ("2x4", parallel.shard_state(base, parallel.make_mesh(2, 4))),
@@ -125,4 +140,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1])

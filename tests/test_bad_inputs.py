@@ -95,7 +95,8 @@ def _other_shape(ctx):
   state = step_lib.create_train_state(other, jax.random.PRNGKey(0),
                                    vocab_size=len(verbs.build_vocab()), keys_are_prefix=True)
   ctx.watch = ctx.run_dir
-  mngr = ckpt.manager(ctx.run_dir, ckpt.CKPT_DIR, 2, create=False)
+  mngr = ckpt.manager(ctx.run_dir, ckpt.CKPT_DIR, 2, create=False,
+                      barrier_timeout_s=other.distributed.barrier_timeout_s)
   return lambda: ckpt.restore(mngr, None, state.checkpoint_tree())
 
 

@@ -202,7 +202,8 @@ def _restore(workdir):
   meta = shards.read_meta(config.data.path)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
                                    vocab_size=meta["vocab_size"], keys_are_prefix=True)
-  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False)
+  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
   mngr.close()
   return config, state.replace_from_tree(tree)

@@ -3,6 +3,7 @@
 
 A subprocess: the device count is fixed once JAX starts, and the pytest process has 1.
 """
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -50,7 +51,9 @@ def _run(n):
 
 
 def test_cpu_devices_gives_a_data_parallel_mesh():
-  two, one, auto = _run(2), _run(1), _run(0)
+  # three interpreters at once: each is mostly a single-threaded JAX import
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    two, one, auto = pool.map(_run, (2, 1, 0))
   assert two["devices"] == 2 and two["mesh"] == {"data": 2, "fsdp": 1}
   assert one["devices"] == 1 and one["mesh"] == {"data": 1, "fsdp": 1}
   want, _ = parallel.resolve_cpu_devices(tiny_config(), env={})

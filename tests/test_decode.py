@@ -257,8 +257,8 @@ RAGGED = [[1, 5, 6, 7, 2, 9, 11, 3, 4], [1], [1, 9, 10], [1, 4, 12, 3, 8, 6]]  #
     ("modern", dict(temperature=0.8, rng=jax.random.PRNGKey(2))),
 ])
 def test_compiled_loop_gives_the_reference_loop_tokens(name, sampling):
-  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=24,
-                      init_std=0.3, **COMBOS[name])
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=48,
+                      max_len=24, init_std=0.3, attention="einsum", **COMBOS[name])
   m = Decoder(cfg, rngs=nnx.Rngs(params=4))
   free = decode.generate(m, RAGGED, max_new_tokens=8, eos_id=None, **sampling)
   want, want_len = reference_generate(m, RAGGED, 8, **sampling)

@@ -216,7 +216,8 @@ def _launch(*args):
 def _second_checkpoint(workdir):
   """Step 1 of the workdir: the step-0 weights scaled (other answers)."""
   config, _, state, _ = workdir_lib.restore_state(workdir)
-  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints)
+  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, config.train.keep_checkpoints,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   params = jax.tree.map(lambda x: x * 1.2, state.params)
   ckpt.save(mngr, 1, state.replace(params=params).checkpoint_tree(), {})
   ckpt.finish(mngr)

@@ -182,7 +182,9 @@ def _packed_inputs():
 @pytest.fixture(scope="module")
 def einsum_logits():
   x, seg, pos = _packed_inputs()
-  return np.asarray(_decoder("einsum")(x, key_mask=seg > 0, positions=pos, segment_ids=seg))
+  model = _decoder("einsum")
+  return np.asarray(jax.jit(lambda x, seg, pos: model(x, key_mask=seg > 0, positions=pos,
+                                                      segment_ids=seg))(x, seg, pos))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -210,15 +212,15 @@ def test_kernels_refuse_probabilities_and_head_masks(impl):
   model = _decoder(impl)
   x = jnp.ones((1, 8), jnp.int32)
   with pytest.raises(ValueError, match=f"model.attention='{impl}'.*einsum"):
-    model(x, return_attention=True)
+    jax.jit(lambda x: model(x, return_attention=True))(x)
   with pytest.raises(ValueError, match=f"head_mask.*model.attention='{impl}'.*einsum"):
-    model(x, head_mask=jnp.ones(4))
+    jax.jit(lambda x: model(x, head_mask=jnp.ones(4)))(x)
 
 
 # ---------------------------------------------------------------------------
 # A whole packed training run: same losses as einsum over 20 steps.
 
-def _packed_batches(n, rows=4, length=41, vocab=40, seed=0):
+def _packed_batches(n, rows=8, length=41, vocab=40, seed=0):
   r = np.random.default_rng(seed)
   out = []
   for _ in range(n):
@@ -231,12 +233,19 @@ def _packed_batches(n, rows=4, length=41, vocab=40, seed=0):
   return out
 
 
-def _losses(impl, batches):
+def train_state(impl):
+  """The tiny packed run's state (rope, GQA); also the 8-device worker's, so its
+  single-device einsum step is this test's program (one compilation, cached)."""
   config = tiny_config(**{"model.attention": impl, "model.dropout": 0.0, "data.packing": True,
                           "model.pos_encoding": "rope", "model.n_kv_heads": 2,
-                          "model.max_len": 40})
-  state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=40,
-                                      keys_are_prefix=False)
+                          "model.max_len": 40, "model.scan_layers": True})  # one kernel body
+  return step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=40,
+                                     keys_are_prefix=False)
+
+
+def _losses(impl, batches):
+  state = train_state(impl)
+  assert not state.options.keys_are_prefix  # the segment ids reach the model
   step = jax.jit(step_lib.train_step)
   losses = []
   for b in batches:

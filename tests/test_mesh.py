@@ -6,26 +6,13 @@ real-token counts differ ~10x) losses and gradients equal the single-device,
 single-batch ones to 1e-5; checkpoints saved on one mesh restore onto others; the
 whole training loop runs on 4 x 2 and resumes on 8 x 1.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="module")
-def mesh_result():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py")], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=REPO)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-  return json.loads(lines[-1][len("RESULT "):])
+def mesh_result(eight_devices):
+  """tests/mesh_worker.py's measurements, in the suite's one 8-device process."""
+  return eight_devices.result()
 
 
 @pytest.mark.slow

@@ -174,7 +174,7 @@ def test_segment_ids_block_cross_document_attention(model):
 ])
 def test_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    DecoderConfig(vocab_size=10, dropout=0.0, attention="einsum", **kwargs)
+    DecoderConfig(**{"vocab_size": 10, "dropout": 0.0, "attention": "einsum", **kwargs})
 
 
 def test_too_long_input_is_refused(model):
@@ -196,9 +196,10 @@ def test_prefix_forward_column_sees_only_its_prefix_even_without_the_causal_mask
   the full non-causal forward (no upto) differs there (its column t sees the future)."""
   x = np.random.default_rng(1).integers(1, V, (2, 7))
   km = np.ones_like(x, bool)
+  fwd = nnx.jit(lambda m, x, km, t: model_lib.prefix_forward(m, x, key_mask=km, causal=False,
+                                                              upto=t))
   for t in (2, 5):
-    got = model_lib.prefix_forward(model, jnp.asarray(x), key_mask=jnp.asarray(km),
-                                   causal=False, upto=t)
+    got = fwd(model, jnp.asarray(x), jnp.asarray(km), t)
     alone = forward(model, x[:, :t + 1], km[:, :t + 1], causal=False)
     np.testing.assert_allclose(np.asarray(got)[:, t], alone[:, t], atol=1e-5)
     full = forward(model, x, km, causal=False)

@@ -89,17 +89,6 @@ def rel(a, b):
   return abs(a - b) / max(abs(b), 1e-12)
 
 
-EIGHT = r"""
-import json, sys
-sys.path.insert(0, "tests")
-from conftest import load_config
-from lmmask import train
-for name, path, workdir in json.loads(sys.argv[1]):
-  c = load_config(path, "tiny", **json.loads(sys.argv[2]))
-  train.train_and_evaluate(c, workdir)
-"""
-
-
 def start(args, devices=None):
   """A subprocess in its own session, its output in a temporary file (no pipe to fill)."""
   out = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lmmask_mp_{time.time_ns()}.log"),
@@ -123,14 +112,13 @@ def finish(p, out, what, timeout=TIMEOUT):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, eight_devices):
   base = tmp_path_factory.mktemp("mp")
   out = {"base": base, "timing": {}}
   t = time.perf_counter()
-  # The 8-device run and the first 2-process run start together (much of a multi-process
-  # run is waiting); the 1-device runs go meanwhile in this process.
-  jobs = [[n, CONFIGS[n].split("/")[1].split(":")[0], str(base / f"{n}_8dev")] for n in CONFIGS]
-  eight = start(["-c", EIGHT, json.dumps(jobs), json.dumps({**EXACT, **MESH})], devices=8)
+  # The 8-device runs (in the suite's one 8-device process, tests/mesh_worker.py, maybe
+  # done already) and the first 2-process run go together (much of a multi-process run is
+  # waiting); the 1-device runs go meanwhile in this process.
   two = start(["launch.py", "--processes=2",
                *flags("verbs", base / "verbs_2proc", **{"mesh.cpu_devices": 4})])
   try:
@@ -139,7 +127,8 @@ def runs(tmp_path_factory):
       train.train_and_evaluate(c, str(base / f"{name}_1dev"))
   finally:
     out["verbs_log"] = finish(*two, "2-process verbs run")
-    finish(*eight, "8-device runs")
+  for name, workdir in eight_devices.result()["runs"].items():
+    os.symlink(workdir, base / f"{name}_8dev")
   rc, so, se = run(["launch.py", "--processes=2",
                     *flags("text", base / "text_2proc", **{"mesh.cpu_devices": 4})])
   check(rc, so + se, "2-process text run")

@@ -46,7 +46,8 @@ def restore_best(workdir):
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    vocab_size=data.vocab_size,
                                    keys_are_prefix=data.keys_are_prefix)
-  mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1, create=False)
+  mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1, create=False,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   step, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
   mngr.close()
   return config, data, state.replace_from_tree(tree), step

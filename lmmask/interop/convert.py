@@ -94,7 +94,8 @@ def import_checkpoint(source: str, workdir: str, *, max_len: int | None = None) 
     params = state.params
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, ck.params))
     state = state.replace(params=params, opt_state=state.tx.init(params))
-    mngr = ckpt.manager(tmp, ckpt.CKPT_DIR, config.train.keep_checkpoints)
+    mngr = ckpt.manager(tmp, ckpt.CKPT_DIR, config.train.keep_checkpoints,
+                        barrier_timeout_s=config.distributed.barrier_timeout_s)
     try:
       ckpt.save(mngr, 0, state.checkpoint_tree(),
                 {"config": config_lib.to_dict(config), "imported_from": source})
