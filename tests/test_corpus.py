@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, load_config
 
 from lmmask import config as config_lib
-from lmmask.data import corpus, inputs, shards, text
+from lmmask.data import corpus, inputs, registry, shards, text
 from lmmask.data import tokenizer as K
 
 WORDS = ("alpha beta gamma delta river stone cloud quick slow red blue green small large "
@@ -294,3 +294,35 @@ def test_split_is_stable_when_files_come_in_another_order(tmp_path, tok_file):
   wd = str(tmp_path / "seed1")
   corpus.build(config(tmp_path / "in0", **{"data.tokenizer": tok_file, "data.split_seed": 1}), wd)
   assert sorted(split_docs(wd, "val")) != vals[0]
+
+
+# ---------------------------------------------------------------------------
+# --mode=prepare, reuse, a missing extra.
+
+def test_prepare_mode_builds_what_training_reuses(tmp_path, tok_file):
+  (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(40)))
+  c = config(tmp_path / "c.jsonl", **{"data.tokenizer": tok_file})
+  with pytest.raises(ValueError, match="pass --workdir"):
+    registry.prepare(c, None)
+  wd = str(tmp_path / "wd")
+  meta = registry.prepare(c, wd)
+  stamp = os.stat(os.path.join(wd, "data", shards.META_FILE)).st_mtime_ns
+  tok, splits = text.build(c, wd)  # what training calls: reused, not rebuilt
+  assert os.stat(os.path.join(wd, "data", shards.META_FILE)).st_mtime_ns == stamp
+  assert len(splits["train"]) + len(splits["val"]) == meta["summary"]["documents"]
+  c.data.split_seed = 1  # another split is another dataset: refused by name
+  with pytest.raises(ValueError, match="differs: split_seed"):
+    text.build(c, wd)
+  c.data.split_seed = 0
+  shard = os.path.join(wd, "data", "train", "shard_000.bin")
+  with open(shard, "r+b") as f:
+    f.write(b"\x07\x07")
+  with pytest.raises(ValueError, match="damaged"):  # prepare checks every sha256
+    registry.prepare(c, wd)
+  with pytest.raises(ValueError, match="nothing to prepare"):
+    registry.prepare(load_config("verbs.py", "tiny"), wd)
+
+
+def test_a_missing_extra_says_what_to_install():
+  with pytest.raises(ImportError, match=r"pip install 'lmmask\[data\]'"):
+    inputs._module("lmmask_no_such_module", "pyarrow")

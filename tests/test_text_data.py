@@ -116,6 +116,29 @@ def test_windows_cover_each_pair_once():
   assert pairs_of_windows(docs, bad) != doc_pairs(docs)
 
 
+def greedy_rows_reference(lengths, length, pack):
+  """Rows of window indices in stream order: a new row when the next window does not fit."""
+  rows, cur, used = [], [], 0
+  for w, n in enumerate(lengths):
+    if cur and (not pack or used + n > length):
+      rows.append(cur)
+      cur, used = [], 0
+    cur.append(w)
+    used += int(n)
+  return rows + [cur] if cur else rows
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_row_starts_match_the_greedy_loop(pack):
+  rng = np.random.default_rng(3)
+  lengths = np.concatenate([rng.integers(2, 9, size=300), [8] * 5, rng.integers(2, 4, size=50)])
+  starts = T.row_starts(lengths, 8, pack)
+  got = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+  assert got == greedy_rows_reference(lengths, 8, pack)
+  if pack:  # twin: a row rule that lets rows overflow by one token differs
+    assert got != greedy_rows_reference(lengths, 9, pack)
+
+
 def text_split(tmp_path, docs, masks=None, **kw):
   """A TextSplit over `docs` written as a one-split shard dataset."""
   out = str(tmp_path / "s")

@@ -154,15 +154,21 @@ def _check(d, **kw):
 # ---------------------------------------------------------------------------
 # The entry point.
 
-def build(config, workdir: str, *, progress: bool | None = None) -> dict:
-  """The meta.json of ``<workdir>/data``, prepared here if needed (module docstring)."""
+def build(config, workdir: str, *, progress: bool | None = None, verify: bool = False) -> dict:
+  """The meta.json of ``<workdir>/data``, prepared here if needed (module docstring).
+  `verify`: check an existing dataset's shards against their sha256 too (--mode=prepare)."""
   d = config.data
   _check(d)
   files = inputs.list_inputs(d.path)
   out = os.path.join(workdir, DATA_DIR)
   tok_path = tokenizer_path(d, workdir)
   if os.path.exists(out):
-    return _reuse(d, out, files, tok_path)
+    meta = _reuse(d, out, files, tok_path)
+    damaged = shards.verify(out) if verify else []
+    if damaged:
+      raise ValueError(f"{len(damaged)} shard(s) of {out} are damaged (size or sha256 differs "
+                       f"from meta.json), e.g. {damaged[0]}; delete {out} and prepare again")
+    return meta
   show = config.train.progress_bar if progress is None else progress
   existed = os.path.isdir(workdir)
   partial = os.path.join(workdir, PARTIAL)

@@ -43,7 +43,7 @@ def prepare(config, workdir: str | None = None) -> dict:
     if not workdir:
       raise ValueError("corpus 'text' is prepared into a workdir: pass --workdir=W (a "
                        "training run in W then reuses it)")
-    return corpus.build(config, workdir)
+    return corpus.build(config, workdir, verify=True)
   if name == "shards":
     return prepare_lib.prepare(config)
   raise ValueError(f"corpus {name!r} has nothing to prepare; --mode=prepare applies to the "
