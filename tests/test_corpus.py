@@ -152,10 +152,10 @@ def test_one_and_two_workers_write_the_same_bytes(tmp_path):
 
 
 def test_kill_during_preparation_then_rerun_gives_the_same_bytes(tmp_path):
-  docs = make_docs(600)
+  docs = make_docs(400)
   path = tmp_path / "big.txt"  # one file, many byte-range chunks
   path.write_text("\n\n".join(docs))
-  c = config(path, **{"data.chunk_bytes": 200, "data.shard_tokens": 2000})
+  c = config(path, **{"data.chunk_bytes": 400, "data.shard_tokens": 1500})
   ref = str(tmp_path / "ref")
   corpus.build(c, ref)
   cfg_file = tmp_path / "c.json"

@@ -14,8 +14,9 @@ reuses them when their fingerprint matches the config and the inputs. Steps:
    sorted numpy array: the only state that grows with the corpus), routes each document
    to train or val by its hash, and writes the chunk's shards atomically (temporary file,
    fsync, rename). Token ids are uint16 when the vocabulary fits, else uint32; no mask.
-4. Ledger: after each chunk a line of ``ledger.jsonl`` records its shards (size, sha256),
-   counts and the de-duplication state. Everything lives in ``<workdir>/.data.partial``
+4. Ledger: after each chunk a line of ``ledger.jsonl`` (the one fsync per chunk: what it
+   describes is checked on resume) records its shards (size, sha256), counts and the
+   de-duplication state. Everything lives in ``<workdir>/.data.partial``
    until the end; killed at any point and rerun, preparation checks the recorded shards
    (a damaged one is redone from its chunk on), drops what came after the last ledger
    line and goes on, ending with the same bytes as an uninterrupted run. The output
@@ -97,6 +98,8 @@ class KeySet:
     if self.tail_size >= self.MERGE:
       self.sorted = np.sort(np.concatenate([self.sorted, *self.tail]))
       self.tail, self.tail_size = [], 0
+    elif len(self.tail) > 32:  # few arrays to search: one sorted tail
+      self.tail = [np.sort(np.concatenate(self.tail))]
     return keep
 
 
@@ -342,18 +345,19 @@ def _prepare(d, workdir: str, partial: str, files, show: bool) -> dict:
   os.makedirs(partial, exist_ok=True)
   if not os.path.exists(os.path.join(partial, STATE)):
     _write_json(os.path.join(partial, STATE), state)
-  with _Workers(workers(d)) as pool:
-    return _prepare_with(d, workdir, partial, files, show, pool, t0)
-
-
-def _prepare_with(d, workdir, partial, files, show, pool, t0) -> dict:
   plan_tok = None
   if d.tokenizer:
     plan_tok = load_tokenizer(d, tokenizer_path(d, workdir))
-  chunks = inputs.plan(files, d, plan_tok.eos_id if plan_tok else None)
   if plan_tok is None and any(f.fmt in ("npy", "bin") for f in files):
     raise ValueError("already tokenized inputs (.npy, .bin) need the tokenizer of their ids: "
                      "set data.tokenizer to its tokenizer.json")
+  chunks = inputs.plan(files, d, plan_tok.eos_id if plan_tok else None)
+  # More workers than chunks would idle (the bytes are the same for any number).
+  with _Workers(min(workers(d), len(chunks))) as pool:
+    return _prepare_with(d, workdir, partial, files, show, pool, t0, plan_tok, chunks)
+
+
+def _prepare_with(d, workdir, partial, files, show, pool, t0, plan_tok, chunks) -> dict:
   tok = plan_tok or _trained_tokenizer(d, workdir, partial, files, chunks, pool, show)
   dtype = shards.TOKEN_DTYPES[shards.token_dtype_name(tok.vocab_size)]
   job_settings = _job_settings(d, tok)
@@ -507,6 +511,12 @@ class _Ledger:
             data = f.read((seg["end"] - seg["start"]) * item)
             if hashlib.sha256(data).hexdigest() != seg["sha256"]:
               return False
+    n_keys = entries[-1]["num_keys"] if entries else 0
+    dedup = os.path.join(self.partial, DEDUP)
+    if n_keys and (not os.path.exists(dedup) or os.path.getsize(dedup) < n_keys * 8):
+      return False
+    if not all(os.path.exists(self._piece(s, e["chunk"])) for e in entries for s in SPLITS):
+      return False
     for s in SPLITS:  # the state verifies: cut off what came after it
       st = entries[-1]["splits"][s] if entries else {"closed": [], "open_tokens": 0}
       i = len(st["closed"])
@@ -532,8 +542,6 @@ class _Ledger:
     self.stats["bad"], self.stats["bad_messages"] = bad.n, bad.messages
     with open(os.path.join(self.partial, DEDUP), "ab") as f:
       res["keys"][keep].astype(np.uint64).tofile(f)
-      f.flush()
-      os.fsync(f.fileno())
     entry.update(stats=dict(self.stats), splits=json.loads(json.dumps(self.splits)),
                  num_keys=len(self.keys))
     with open(self.path, "a") as f:
