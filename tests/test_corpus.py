@@ -101,6 +101,8 @@ def test_every_format_gives_the_same_shards(tmp_path, tok_file):
     meta = corpus.build(c, str(tmp_path / name))
     assert meta["token_dtype"] == "uint16" and meta["summary"]["bad_records"] == 0, name
     got[name] = data_files(str(tmp_path / name))
+  c = config(paths["gz.jsonl.gz"], **{"data.chunk_bytes": 700})  # compressed: several chunks too
+  assert len(inputs.plan(inputs.list_inputs(paths["gz.jsonl.gz"]), c.data)) > 3
   want = got.pop("corpus.txt")
   assert {n: f == want for n, f in got.items()} == {n: True for n in got}
   # Independent check: the documents are <bos> encode(doc) <eos>, each exactly once.

@@ -371,7 +371,8 @@ def _prepare_with(d, workdir, partial, files, show, pool, t0, plan_tok, chunks) 
   bar = tqdm.tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
                   disable=not show, desc="prepare", file=sys.stderr, smoothing=0.1)
   jobs = ({"mode": "encode", "input": files[chunks[k].file], "chunk": chunks[k],
-           "settings": job_settings, "tokenizer": tok.path} for k in todo)
+           "settings": job_settings, "tokenizer": tok.path, "data": data}
+          for k, data in zip(todo, inputs.chunk_data(files, chunks, todo, d)))
   t_enc = time.time()
   try:
     for k, res in zip(todo, pool.results(jobs)):
@@ -405,7 +406,8 @@ def _trained_tokenizer(d, workdir, partial, files, chunks, pool, show):
   rate = min(1.0, budget / max(total, 1))
   job_settings = _job_settings(d, None)
   jobs = ({"mode": "sample", "input": files[c.file], "chunk": c, "settings": job_settings,
-           "rate": rate} for c in chunks)
+           "rate": rate, "data": data}
+          for c, data in zip(chunks, inputs.chunk_data(files, chunks, range(len(chunks)), d)))
   texts, size, seen = [], 0, KeySet()
   bad = _Bad(d)
   bar = tqdm.tqdm(total=len(chunks), unit="chunk", disable=not show, desc="tokenizer sample",

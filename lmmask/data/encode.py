@@ -78,7 +78,7 @@ def _records(job):
   """(documents, bad messages, bad count) of a job's chunk."""
   s = types.SimpleNamespace(**job["settings"])
   docs, bad, n_bad = [], [], 0
-  for rec, err in inputs.read_chunk(job["input"], job["chunk"], s, s.eos_id):
+  for rec, err in inputs.read_chunk(job["input"], job["chunk"], s, s.eos_id, job["data"]):
     if err is not None:
       n_bad += 1
       if len(bad) < MAX_MESSAGES:

@@ -15,12 +15,14 @@ Formats, by file name (after a ``.gz`` or ``.zst``/``.zstd`` compression suffix)
   anything else           plain UTF-8 text, cut into documents at `data.doc_separator`
 Parquet, Arrow and zstd need the ``data`` extra (``pip install 'lmmask[data]'``).
 
-Chunks (`plan`) are the unit of work and of resumption: a compressed file is one chunk;
-a large plain file is cut into byte ranges of about `data.chunk_bytes`, each ending just
-after a record separator (a newline for JSONL, `data.doc_separator` for text, an
-end-of-text id for tokens), so one 50 GB JSONL never restarts from zero; Parquet and Arrow
-files are cut at row groups / record batches. The plan depends only on the files and the
-settings, so it is the same on every rerun and for any number of workers.
+Chunks (`plan`) are the unit of work and of resumption: a large file is cut into byte
+ranges of about `data.chunk_bytes`, each ending just after a record separator (a newline
+for JSONL, `data.doc_separator` for text, an end-of-text id for tokens), so one 50 GB
+JSONL never restarts from zero; a compressed file likewise, in ranges of its decompressed
+bytes (found by one streaming pass; `chunk_data` streams them to the workers, since a
+compressed stream cannot be entered in the middle); Parquet and Arrow files are cut at
+row groups / record batches. The plan depends only on the files and the settings, so it
+is the same on every rerun and for any number of workers.
 
 `read_chunk` yields each record of a chunk as ``(text, None)``, ``(token_ids, None)`` or,
 for a record that cannot be read, ``(None, "file:line N: what is wrong")``.
@@ -119,8 +121,65 @@ def list_inputs(path: str) -> list[Input]:
 @dataclasses.dataclass(frozen=True)
 class Chunk:
   file: int           # index into the input list
-  start: int          # bytes (text, jsonl), tokens (npy, bin), row groups / batches (tables)
-  end: int            # exclusive; -1 = to the end of the file
+  start: int          # bytes (text, jsonl; decompressed when compressed), tokens (npy, bin),
+                      # row groups / batches (tables)
+  end: int            # exclusive; -1 = to the end of the file; BROKEN = unreadable from start
+
+
+BROKEN = -2
+
+
+def _read_error(e: BaseException) -> bool:
+  """Whether `e` says that a (compressed) file cannot be read, rather than a bug."""
+  return isinstance(e, (OSError, EOFError, zlib.error)) or \
+      type(e).__module__.startswith("zstandard")
+
+
+def _pieces(inp: Input, sep: bytes, step: int):
+  """(start, end, bytes, first line) of a compressed file's decompressed bytes in pieces
+  that end just after the first `sep` at or past `step` bytes (the cut of `plan` for plain
+  files); (start, BROKEN, message, line) where the stream cannot be read further."""
+  pos, line, buf = 0, 1, bytearray()
+  try:
+    with _open_stream(inp) as f:
+      while True:
+        block = f.read(4 * SCAN)
+        buf += block
+        while sep and len(buf) > step:
+          i = buf.find(sep, step)
+          if i < 0:
+            break
+          piece = bytes(buf[:i + len(sep)])
+          del buf[:i + len(sep)]
+          yield pos, pos + len(piece), piece, line
+          pos, line = pos + len(piece), line + piece.count(NEWLINE)
+        if not block:
+          break
+  except Exception as e:  # noqa: BLE001 (zstandard's error type is its own)
+    if not _read_error(e):
+      raise
+    yield pos, BROKEN, f"{inp.path}: cannot be read as {inp.compression} ({e})", line
+    return
+  if buf or pos == 0:
+    yield pos, pos + len(buf), bytes(buf), line
+
+
+def chunk_data(files: list[Input], chunks: list[Chunk], ks, d):
+  """For each chunk index in `ks` (ascending): None for a chunk its worker reads itself,
+  or (bytes, first line) of a compressed file's chunk, streamed here once in order."""
+  cur = None
+  for k in ks:
+    c = chunks[k]
+    inp = files[c.file]
+    if not inp.compression:
+      yield None
+      continue
+    if cur is None or cur[0] != c.file:
+      cur = (c.file, _pieces(inp, _separator(inp, d), int(d.chunk_bytes)))
+    for start, _, data, line in cur[1]:
+      if start == c.start:
+        yield data, line
+        break
 
 
 def _separator(inp: Input, d) -> bytes:
@@ -181,7 +240,9 @@ def plan(files: list[Input], d, eos_id: int | None = None) -> list[Chunk]:
   out = []
   step = int(d.chunk_bytes)
   for i, inp in enumerate(files):
-    if inp.compression or (inp.fmt == "text" and not d.doc_separator):
+    if inp.compression:
+      out += [Chunk(i, a, b) for a, b, _, _ in _pieces(inp, _separator(inp, d), step)]
+    elif inp.fmt == "text" and not d.doc_separator:
       out.append(Chunk(i, 0, -1))
     elif inp.fmt in ("text", "jsonl"):
       size = os.path.getsize(inp.path)
@@ -243,7 +304,7 @@ def _table_parts(inp: Input) -> list[int]:
 
 def chunk_bytes(files: list[Input], chunk: Chunk) -> int:
   """About how many input bytes a chunk covers (for progress)."""
-  if chunk.end >= 0 and files[chunk.file].fmt in ("text", "jsonl"):
+  if chunk.end >= 0 and files[chunk.file].fmt in ("text", "jsonl"):  # decompressed bytes
     return chunk.end - chunk.start
   if chunk.start == 0 and chunk.end < 0:
     return os.path.getsize(files[chunk.file].path)
@@ -276,25 +337,26 @@ def _open_stream(inp: Input):
 
 
 def _raw(inp: Input, chunk: Chunk) -> bytes:
-  """The bytes of a text or JSONL chunk (decompressed); raises OSError/EOFError when
-  the file cannot be read."""
-  if inp.compression:
-    with _open_stream(inp) as f:
-      return f.read()
+  """The bytes of an uncompressed text or JSONL chunk."""
   with open(inp.path, "rb") as f:
     f.seek(chunk.start)
     return f.read((chunk.end if chunk.end >= 0 else os.path.getsize(inp.path)) - chunk.start)
 
 
-def _where(inp: Input, chunk: Chunk, raw: bytes, at: int) -> str:
-  """'file:line N' for byte `at` of the chunk's bytes."""
-  if inp.compression:
-    return f"{inp.path}:{raw.count(NEWLINE, 0, at) + 1}"
+def _where(inp: Input, chunk: Chunk, raw: bytes, at: int, line: int | None) -> str:
+  """'file:line N' for byte `at` of the chunk's bytes (`line`: the chunk's first line,
+  given for a compressed file's chunk)."""
+  if line is not None:
+    return f"{inp.path}:{line + raw.count(NEWLINE, 0, at)}"
   return f"{inp.path}:{_line_of(inp.path, chunk.start + at)}"
 
 
-def read_chunk(inp: Input, chunk: Chunk, d, eos_id: int | None = None):
-  """Yield (record, None) or (None, error message) for every record of `chunk`."""
+def read_chunk(inp: Input, chunk: Chunk, d, eos_id: int | None = None, data=None):
+  """Yield (record, None) or (None, error message) for every record of `chunk`; `data`
+  is what `chunk_data` gave for it."""
+  if data is not None:
+    yield from _read_lines(inp, chunk, d, data)
+    return
   if chunk.end == chunk.start == 0 and inp.fmt not in ("parquet", "arrow"):
     if os.path.getsize(inp.path) == 0:
       yield None, f"{inp.path}: empty file (no documents); remove it or fill it"
@@ -307,17 +369,15 @@ def read_chunk(inp: Input, chunk: Chunk, d, eos_id: int | None = None):
     yield from _read_table(inp, chunk, d)
 
 
-def _read_lines(inp: Input, chunk: Chunk, d):
-  try:
-    raw = _raw(inp, chunk)
-  except (OSError, EOFError, zlib.error) as e:
-    yield None, f"{inp.path}: cannot be read as {inp.compression or 'a file'} ({e})"
+def _read_lines(inp: Input, chunk: Chunk, d, data=None):
+  if chunk.end == BROKEN:
+    yield None, data[0]
     return
-  except Exception as e:  # zstd raises its own error type
-    if type(e).__module__.startswith("zstandard"):
-      yield None, f"{inp.path}: cannot be read as zstd ({e})"
-      return
-    raise
+  try:
+    raw, line = (_raw(inp, chunk), None) if data is None else data
+  except OSError as e:
+    yield None, f"{inp.path}: cannot be read ({e})"
+    return
   if not raw.strip():
     if chunk.start == 0:
       yield None, f"{inp.path}: empty file (no documents); remove it or fill it"
@@ -332,7 +392,7 @@ def _read_lines(inp: Input, chunk: Chunk, d):
     try:
       s = part.decode("utf-8")
     except UnicodeDecodeError as e:
-      yield None, (f"{_where(inp, chunk, raw, at + e.start)}: not UTF-8 (byte "
+      yield None, (f"{_where(inp, chunk, raw, at + e.start, line)}: not UTF-8 (byte "
                    f"0x{part[e.start]:02x}); convert the file to UTF-8")
       continue
     if inp.fmt == "text":
@@ -343,16 +403,16 @@ def _read_lines(inp: Input, chunk: Chunk, d):
     try:
       obj = json.loads(s)
     except json.JSONDecodeError as e:
-      yield None, f"{_where(inp, chunk, raw, at)}: not valid JSON ({e.msg})"
+      yield None, f"{_where(inp, chunk, raw, at, line)}: not valid JSON ({e.msg})"
       continue
     key = d.text_key
     if not isinstance(obj, dict) or key not in obj:
       keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-      yield None, (f"{_where(inp, chunk, raw, at)}: no {key!r} field (data.text_key="
+      yield None, (f"{_where(inp, chunk, raw, at, line)}: no {key!r} field (data.text_key="
                    f"{key!r}; the record has {keys})")
       continue
     if not isinstance(obj[key], str):
-      yield None, (f"{_where(inp, chunk, raw, at)}: field {key!r} is "
+      yield None, (f"{_where(inp, chunk, raw, at, line)}: field {key!r} is "
                    f"{type(obj[key]).__name__}, not a string")
       continue
     text = obj[key].strip()
