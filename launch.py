@@ -13,6 +13,9 @@
   python launch.py --mode=generate --workdir=DIR --chat --prompt="Hi" --max_new_tokens=64
   python launch.py --mode=export --workdir=DIR --out=HF_DIR [--export_dtype=bfloat16]
   python launch.py --processes=2 --config=configs/verbs.py --workdir=DIR   # 2 local processes
+  python launch.py --mode=lower --platform=tpu --config=configs/text.py \
+      --config.model.vocab_size=512 [--out=step.mlir]   # the train step's StableHLO
+  python launch.py --mode=harness --workdir=DIR --tasks=tasks/mc.yaml,arc_easy [--limit=N]
 """
 import json
 import os
@@ -20,13 +23,13 @@ import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
-from lmmask import cluster, multiprocess, parallel, sweep, train
+from lmmask import cluster, lowering, multiprocess, parallel, sweep, train
 from lmmask import config as config_lib
 from lmmask import workdir as workdir_lib
 from lmmask.data import registry
-from lmmask.eval import audit, generate
+from lmmask.eval import audit, generate, harness
 from lmmask.eval import evaluate as evaluation
 from lmmask.interop import convert as interop
 
@@ -36,11 +39,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit", "prepare",
-                      "import", "export"],
+                      "import", "export", "lower", "harness"],
     "What to run (sweep/aggregate take a configs/sweeps/ file; prepare builds what "
     "training in --workdir would (text), or writes config.data.path (shards, no --workdir); "
     "import writes a new "
-    "workdir from --source; export writes --out from --workdir).")
+    "workdir from --source; export writes --out from --workdir; lower exports the train "
+    "step for --platform and needs no --workdir; harness runs lm-eval --tasks on a "
+    "checkpoint).")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"],
                            "eval: the latest checkpoints or the best-by-val-loss one.")
@@ -70,11 +75,22 @@ _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "generate/eval: PRNG seed 
 _SOURCE = flags.DEFINE_string("source", None, "import: a Hugging Face model directory or a "
                               ".gguf file.")
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face directory to write (must "
-                           "not exist).")
+                           "not exist); lower: the file for the StableHLO text.")
+_PLATFORM = flags.DEFINE_enum("platform", None, list(lowering.PLATFORMS),
+                              "lower: the accelerator to lower the train step for.")
 _EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", "float32", ["float32", "bfloat16"],
                                   "export: dtype of the written weights.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: render each prompt as a user turn of a "
-                          "chat model and print the assistant's reply.")
+                          "chat model and print the assistant's reply; harness: apply the "
+                          "model's chat template to every request.")
+# lm-evaluation-harness flags (--mode=harness; docs/evaluation.md, pip install "lmmask[eval]").
+_TASKS = flags.DEFINE_string("tasks", None, "harness: comma-separated lm-eval task names or "
+                             "task YAML files, e.g. tasks/mc.yaml,arc_easy.")
+_LIMIT = flags.DEFINE_integer("limit", None, "harness: at most this many examples per task.")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples per "
+                                    "request (default: each task's own).")
+_INCLUDE_PATH = flags.DEFINE_string("include_path", None, "harness: a folder of task YAMLs "
+                                    "whose task names --tasks may use (e.g. tasks).")
 
 
 def _print_metrics(title, results):
@@ -143,9 +159,10 @@ def _join_launcher():
   """A child of --processes in a mode that reads a saved config (eval, generate, audit):
   the launcher's environment says how to join the run."""
   if "LMMASK_NUM_PROCESSES" in os.environ and _MODE.value != "train":
-    parallel.initialize_distributed(ConfigDict({
-        "mode": "manual", "coordinator_address": None, "num_processes": None,
-        "process_id": None}))
+    dist = workdir_lib.load_config(_WORKDIR.value).distributed  # the run's own timeouts
+    dist.mode = "manual"
+    dist.coordinator_address = dist.num_processes = dist.process_id = None  # from the env
+    parallel.initialize_distributed(dist)
 
 
 def _need_config(mode):
@@ -277,10 +294,38 @@ def mode_export():
         f"to {res['out']}")
 
 
+def mode_lower():
+  config = _need_config("lower")
+  if not _PLATFORM.value:
+    raise app.UsageError(f"--mode=lower needs --platform={'|'.join(lowering.PLATFORMS)}")
+  try:
+    summary, text = lowering.lower_train_step(config, _PLATFORM.value)
+    if _OUT.value:
+      lowering.write_text(_OUT.value, text)
+      summary["out"] = os.path.abspath(os.path.expanduser(_OUT.value))
+  except (ValueError, FileExistsError) as e:
+    raise app.UsageError(str(e)) from None
+  print(json.dumps(summary))
+
+
+def mode_harness():
+  if not _TASKS.value:
+    raise app.UsageError("--mode=harness needs --tasks=<lm-eval task names or YAML files>")
+  path, rec = harness.run_workdir(
+      _WORKDIR.value, _TASKS.value, step=_STEP.value, which=_WHICH.value,
+      include_path=_INCLUDE_PATH.value or "", limit=_LIMIT.value,
+      num_fewshot=_NUM_FEWSHOT.value, apply_chat_template=_CHAT.value)
+  print(f"lm-eval {rec['lm_eval_version']} on step {rec['step']} of {_WORKDIR.value}:")
+  for key, value in sorted(rec["metrics"].items()):
+    print(f"  {key:40s} {value:.4f}")
+  print(f"results in {path}")
+
+
 MODES = {"train": mode_train, "eval": mode_eval, "sweep": mode_sweep,
          "aggregate": mode_aggregate, "generate": mode_generate, "audit": mode_audit,
-         "prepare": mode_prepare, "import": mode_import, "export": mode_export}
-NO_WORKDIR = ("prepare",)
+         "prepare": mode_prepare, "import": mode_import, "export": mode_export,
+         "lower": mode_lower, "harness": mode_harness}
+NO_WORKDIR = ("prepare", "lower")
 
 
 def main(argv):
@@ -301,7 +346,7 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     sys.exit(rc)
-  if _MODE.value in ("train", "audit"):
+  if _MODE.value in ("train", "audit", "lower"):
     _set_cpu_devices(_CONFIG.value, _recorded_cpu_devices())
   _join_launcher()
   MODES[_MODE.value]()

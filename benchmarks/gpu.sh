@@ -24,6 +24,8 @@ if ! "$PY" -c "import ml_collections" 2>/dev/null; then
 fi
 export PYTHONPATH="$SITE:.${PYTHONPATH:+:$PYTHONPATH}"
 [ "$DRY" = 1 ] && export JAX_PLATFORMS=cpu
+# The jax found here decides whether the kernel table runs (setup.cfg's floor).
+echo "gpu.sh: $("$PY" -c 'import jax; print("jax", jax.__version__)' 2>/dev/null || echo 'jax not importable')" >&2
 OUT="$SITE/out.json"
 timeout -k 10 285 "$PY" benchmarks/gpu_check.py "dry_run=$DRY" "$@" >"$OUT" 2>"$SITE/err.log"
 RC=$?

@@ -76,8 +76,9 @@ def train_tokenizer(corpus, path):
   tok_lib.save_atomic(tok_lib.train_bpe(texts, 32000, tok_lib.TEXT_SPECIALS), path)
 
 
-def run_measured(cmd):
-  """(stdout, peak RSS in bytes of the process tree, wall seconds) of `cmd`."""
+def run_measured(cmd, timeout=None):
+  """(stdout, peak RSS in bytes of the process tree, wall seconds) of `cmd`; stdout is
+  None when it ran past `timeout` seconds (then killed)."""
   t0 = time.time()
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
@@ -94,7 +95,15 @@ def run_measured(cmd):
       time.sleep(0.05)
   th = threading.Thread(target=poll, daemon=True)
   th.start()
-  out, err = proc.communicate()
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    for c in psutil.Process(proc.pid).children(recursive=True):
+      c.kill()
+    proc.kill()
+    proc.communicate()
+    th.join()
+    return None, peak[0], time.time() - t0
   th.join()
   if proc.returncode:
     raise RuntimeError(f"{cmd} failed:\n{err[-3000:]}")
@@ -136,14 +145,20 @@ print(json.dumps({"tokens": n, "seconds": spent}))
 """
 
 
-def bench_lmmask(cfg_path, corpus, tok, out):
+def bench_lmmask(cfg_path, corpus, tok, out, timeout=None):
   c = config_lib.load_file(os.path.join(REPO, "configs", "text.py"))
   c.data.path, c.data.tokenizer, c.data.workers = corpus, tok, 0
   c.train.progress_bar = False
   with open(cfg_path, "w") as f:
     json.dump(config_lib.to_dict(c), f)
   subprocess.run(["rm", "-rf", out])
-  stdout, rss, _ = run_measured([sys.executable, "-c", LMMASK, cfg_path, out])
+  stdout, rss, wall = run_measured([sys.executable, "-c", LMMASK, cfg_path, out], timeout)
+  if stdout is None:  # stopped: how far it got (a rerun would resume from the ledger)
+    ledger = os.path.join(out, ".data.partial", "ledger.jsonl")
+    lines = open(ledger).read().splitlines() if os.path.exists(ledger) else []
+    tokens = json.loads(lines[-1])["stats"]["tokens"] if lines else 0
+    return {"tok_s": tokens / wall, "rss": rss, "tokens": tokens, "docs": None,
+            "partial": f"stopped after {wall:.0f} s at chunk {len(lines)}"}
   r = json.loads(stdout.strip().splitlines()[-1])
   return {"tok_s": r["tokens"] / r["seconds"], "rss": rss, "tokens": r["tokens"],
           "docs": r["documents"]}
@@ -194,7 +209,10 @@ def main():
   ap.add_argument("--sizes", default="100M,1G")
   ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side (first size)")
   ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "lmmask_prepare_bench"))
-  ap.add_argument("--open_docs", type=int, default=10**7)
+  ap.add_argument("--open_docs", type=int, default=10**7, help="0: skip the open benchmark")
+  ap.add_argument("--lmmask_only", default="", help="sizes run without the reference")
+  ap.add_argument("--timeout", type=float, default=None,
+                  help="stop a preparation after this many seconds and report how far it got")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   rows = []
@@ -215,21 +233,25 @@ def main():
       repeats = args.repeats if i == 0 and fmt == "jsonl" else 1
       lm, ref = [], []
       for r in range(repeats):  # alternate A, B, A, B: the machine is shared
-        ref.append(bench_reference(corpus, tok))
-        print(f"{name} {fmt} run {r}: tokenizers {ref[-1]['tok_s']:.0f} tok/s, load "
-              f"{os.getloadavg()}", flush=True)
+        if name not in args.lmmask_only.split(","):
+          ref.append(bench_reference(corpus, tok))
+          print(f"{name} {fmt} run {r}: tokenizers {ref[-1]['tok_s']:.0f} tok/s, load "
+                f"{os.getloadavg()}", flush=True)
         lm.append(bench_lmmask(os.path.join(args.out, "cfg.json"), path, tok,
-                               os.path.join(args.out, "wd")))
+                               os.path.join(args.out, "wd"), args.timeout))
         print(f"{name} {fmt} run {r}: lmmask {lm[-1]['tok_s']:.0f} tok/s, RSS "
-              f"{lm[-1]['rss'] / 2**20:.0f} MiB, load {os.getloadavg()}", flush=True)
+              f"{lm[-1]['rss'] / 2**20:.0f} MiB, load {os.getloadavg()} "
+              f"{lm[-1].get('partial', '')}", flush=True)
       med = lambda xs: statistics.median(xs)  # noqa: E731
-      lt, rt = [x["tok_s"] for x in lm], [x["tok_s"] for x in ref]
-      rows.append({"size": name, "format": fmt, "tokens": lm[0]["tokens"], "docs": lm[0]["docs"],
+      lt, rt = [x["tok_s"] for x in lm], [x["tok_s"] for x in ref] or [float("nan")]
+      rows.append({"size": name + (" (" + lm[0]["partial"] + ")" if "partial" in lm[0] else ""),
+                   "format": fmt, "tokens": lm[0]["tokens"], "docs": lm[0]["docs"],
                    "lmmask": med(lt), "lmmask_spread": (min(lt), max(lt)),
                    "reference": med(rt), "reference_spread": (min(rt), max(rt)),
                    "ratio": med(lt) / med(rt), "rss": med([x["rss"] for x in lm]),
                    "runs": repeats})
-  open_s, open_rows, open_rss = bench_open(os.path.join(args.out, "open"), args.open_docs)
+  if args.open_docs:
+    open_s, open_rows, open_rss = bench_open(os.path.join(args.out, "open"), args.open_docs)
   print(f"\nload average {os.getloadavg()} on {os.cpu_count()} cores\n")
   print("| corpus | tokens | lmmask tokens/s | tokenizers encode_batch tokens/s | ratio | "
         "peak RSS | runs |")
@@ -240,8 +262,9 @@ def main():
           f"{r['reference'] / 1e6:.3f}M ({r['reference_spread'][0] / 1e6:.3f}-"
           f"{r['reference_spread'][1] / 1e6:.3f}) | {r['ratio']:.2f}x | "
           f"{r['rss'] / 2**20:.0f} MiB | {r['runs']} |")
-  print(f"\nopening {args.open_docs} documents (windows + packed rows, length 65): "
-        f"{open_s:.2f} s, {open_rows} rows, peak RSS {open_rss / 2**20:.0f} MiB")
+  if args.open_docs:
+    print(f"\nopening {args.open_docs} documents (windows + packed rows, length 65): "
+          f"{open_s:.2f} s, {open_rows} rows, peak RSS {open_rss / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

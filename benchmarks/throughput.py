@@ -28,12 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmmask import config as config_lib
-from lmmask import (
-  packing,  # noqa: E402
-  parallel,  # noqa: E402
-)
+from lmmask import parallel  # noqa: E402
 from lmmask import step as step_lib  # noqa: E402
 from lmmask.batching import batch_from_ids, pad_sequences  # noqa: E402
+from lmmask.data import packing  # noqa: E402
 from lmmask.model import count_params  # noqa: E402
 
 # name -> model / data sizes. "default" is the reference point of the measured tables.
@@ -150,7 +148,9 @@ class JaxRunner:
     self.spec, self.batches = spec, [jax.device_put(b) for b in batches]
     config = lm_config(spec, **cfg_kw)
     self.state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
-                                          vocab_size=spec["vocab"])
+                                          vocab_size=spec["vocab"],
+                                          # right-padded rows, one per document unless packed
+                                          keys_are_prefix=not config.data.packing)
     self.config = config
     self.mesh = None
     if jax.device_count() > 1:  # e.g. cpu_devices=2: the batch split over the devices

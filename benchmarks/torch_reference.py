@@ -119,7 +119,8 @@ class TorchRunner:
     torch.manual_seed(0)
     config = throughput.lm_config(spec, gelu_approximate=gelu_approximate, dtype="float32",
                                   attention="einsum")
-    state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"])
+    state = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=spec["vocab"],
+                                        keys_are_prefix=True)  # right-padded rows
     self.model = TorchDecoder(spec, approximate=gelu_approximate)
     self.model.load_lmmask(state.params)
     o = config.optim

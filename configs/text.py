@@ -7,7 +7,8 @@
 Variants (comma-separated in the config argument):
   modern       RoPE + RMSNorm + SwiGLU, d_ff chosen for the default's parameter count
   tiny         test size (seconds)
-  path=P       data.path (no commas); seed=N; steps=N
+  path=P       data.path (no commas); seed=N
+  steps=N      train.steps and the schedule's horizon optim.decay_steps
 
 The first run splits the text into documents (paragraphs of a file, or files of a
 directory), holds out a fraction of the documents, trains a byte-level BPE on the
@@ -72,4 +73,6 @@ def get_config(arg=None):
     c.train.log_every = 2
     c.train.eval_every = 3
     c.train.ckpt_every = 3
+  if "steps" in args:  # the lr schedule ends where the run does
+    c.optim.decay_steps = args["steps"]
   return c

@@ -14,11 +14,12 @@ import importlib.util
 import json
 import os
 
+import jax
 from ml_collections import ConfigDict, config_dict
 
 from lmmask import losses, optim
 from lmmask.data import verbs
-from lmmask.model import HONOURS_SEGMENTS, DecoderConfig
+from lmmask.model import ATTENTION_IMPLS, HONOURS_SEGMENTS, DecoderConfig, resolve_attention
 
 CORPORA = ("verbs", "text", "shards", "pretrained")  # data.corpus values (lmmask/data/registry.py)
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite
@@ -59,7 +60,7 @@ def defaults() -> ConfigDict:
   d.vocab_size = 512                    # BPE vocabulary size when training one (>= 259)
   d.tokenizer_sample_bytes = 100 << 20  # the BPE trains on a hashed sample of this much text
   d.workers = 0                         # preparation processes; 0 = one per core
-  d.chunk_bytes = 64 << 20              # input per unit of work (and of resumption)
+  d.chunk_bytes = 16 << 20              # input per unit of work (and of resumption)
   d.max_bad_fraction = 0.0              # share of unreadable records tolerated (skipped, counted)
   d.pad_token = "<pad>"                 # special tokens (in a given tokenizer; imported: its pad)
   d.bos_token = "<bos>"
@@ -110,7 +111,9 @@ def defaults() -> ConfigDict:
   m.head_bias = True                    # bias on the untied LM head
   m.norm_eps = 1e-6                     # epsilon of every LayerNorm / RMSNorm
   # Speed options: all exact, the defaults are the reference path.
-  m.attention = "einsum"                # einsum (reference) | xla | cudnn (GPU fused kernel)
+  m.attention = "auto"                  # auto | einsum (reference) | xla | cudnn | splash (TPU
+                                        # kernel) | triton (GPU kernel); auto is resolved once at
+                                        # startup (resolve_attention): einsum on CPU
   m.remat = False                       # recompute block activations in backward (memory)
   m.scan_layers = False                 # lax.scan over layers (compile time; slower on CPU)
 
@@ -118,6 +121,8 @@ def defaults() -> ConfigDict:
   c.loss.reduction = "token_mean"       # token_mean | seq_mean | seq_mean_of_means | sum
   c.loss.z_loss = 0.0                   # z-loss coefficient (t5x: 1e-4); 0 disables; logged
                                         # as `z_loss`, never part of the reported loss/PPL
+  c.loss.logits_chunk = 0               # >0: training loss over chunks of this many positions,
+                                        # float32 (B,T,V) logits never whole (memory); 0: one pass
 
   c.optim = o = ConfigDict()
   o.name = "adamw"                      # adamw | sgd
@@ -169,6 +174,18 @@ def defaults() -> ConfigDict:
   e.audit_batches = 2                   # eval batches (per split) the audit probes use
   e.audit_heatmaps = 3                  # examples drawn as attention heat maps by the audit
   e.prompt_tokens = 16                  # text eval: tokens of each held-out opening to continue
+  # lm-evaluation-harness (lmmask/eval/harness.py, docs/evaluation.md; pip install "lmmask[eval]").
+  e.harness_tasks = ""                  # comma-separated lm-eval tasks (names or YAML files) run
+                                        # on the live weights at every eval_every; "" = none
+  e.harness_include_path = ""           # a folder of task YAMLs (e.g. tasks/) for task names
+  e.harness_limit = 0                   # examples per task in training (0 = all)
+  e.harness_num_fewshot = -1            # few-shot examples in training (-1 = the task's own)
+  e.harness_batch_rows = 8              # rows per scoring forward; prompts per generate batch
+  e.harness_row_tokens = 512            # packed row length (a longer request gets its own row)
+  e.harness_packing = True              # several requests per row (segment ids); False: one
+  e.harness_truncation = True           # left-truncate requests longer than the model (as the
+                                        # hf backend); False: refuse them
+  e.harness_max_gen_toks = 256          # generation budget when a task sets none (lm-eval's)
 
   # The add-k n-gram baseline on the same split (lmmask/eval/ngram.py).
   c.baseline = ConfigDict()
@@ -382,7 +399,7 @@ def validate(config) -> None:
   def need(cond, field, msg):
     if not cond:
       raise ValueError(f"config.{field}: {msg}")
-  d, m, o, t = config.data, config.model, config.optim, config.train
+  d, m, o, t, e = config.data, config.model, config.optim, config.train, config.eval
   need(d.corpus in CORPORA, "data.corpus", f"unknown corpus {d.corpus!r}; valid: "
        f"{', '.join(CORPORA)}")
   need(d.tokens in verbs.TOKENIZATIONS, "data.tokens", f"unknown tokenization {d.tokens!r}; "
@@ -406,12 +423,16 @@ def validate(config) -> None:
   need(m.d_model % m.n_heads == 0, "model.d_model",
        f"{m.d_model} is not divisible by model.n_heads={m.n_heads}; make d_model a multiple "
        f"of n_heads (e.g. {m.n_heads * max(1, m.d_model // m.n_heads)}) or change n_heads")
+  for f in ("remat", "scan_layers"):  # the Decoder cannot thread dropout keys through them
+    need(not (m[f] and m.dropout > 0), f"model.{f}", f"True needs model.dropout=0 (is {m.dropout}) or model.{f}=False")
   need(m.max_len >= d.length - 1, "model.max_len",
        f"{m.max_len} is shorter than the model input length data.length-1={d.length - 1}")
   need(config.loss.reduction in losses.REDUCTIONS, "loss.reduction",
        f"unknown reduction {config.loss.reduction!r}; valid: {', '.join(losses.REDUCTIONS)}")
   need(config.loss.z_loss >= 0, "loss.z_loss", f"must be >= 0 (0 disables), got "
        f"{config.loss.z_loss}")
+  need(_is_int(config.loss.logits_chunk) and config.loss.logits_chunk >= 0, "loss.logits_chunk",
+       f"must be an int >= 0 (0 = one pass), got {config.loss.logits_chunk!r}")
   need(_is_num(o.lr) and o.lr > 0, "optim.lr", f"must be a number > 0, got {o.lr!r}")
   need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   need(o.decay_steps > o.warmup_steps, "optim.decay_steps",
@@ -433,13 +454,17 @@ def validate(config) -> None:
        f"{ga} must divide data.batch_size={d.batch_size}")
   need(not d.packing or d.corpus in ("verbs", "text"), "data.packing",
        f"corpus {d.corpus!r} keeps one whole document per row; set data.packing=False")
-  need(not d.packing or m.attention in HONOURS_SEGMENTS, "model.attention",
-       f"{m.attention!r} cannot apply packed rows' segment ids; with data.packing use one of "
-       f"{', '.join(HONOURS_SEGMENTS)}")
+  need(m.attention in ("auto",) + ATTENTION_IMPLS, "model.attention",
+       f"unknown {m.attention!r}; valid: auto, {', '.join(ATTENTION_IMPLS)}")
+  need(not d.packing or m.attention == "auto" or m.attention in HONOURS_SEGMENTS,
+       "model.attention", f"{m.attention!r} cannot apply packed rows' segment ids; with "
+       f"data.packing use auto or one of {', '.join(HONOURS_SEGMENTS)}")
   need(not (d.packing and d.pad_side != "right"), "data.pad_side",
        "packing fills rows from the left; set data.pad_side=right with data.packing")
   need(config.eval.direction in DIRECTIONS, "eval.direction",
        f"must be one of {', '.join(DIRECTIONS)}, got {config.eval.direction!r}")
+  need(not e.harness_tasks or importlib.util.find_spec("lm_eval") is not None,
+       "eval.harness_tasks", 'lm-eval tasks need the eval extra: pip install "lmmask[eval]"')
   need(config.eval.floor_tolerance >= 0, "eval.floor_tolerance",
        f"must be >= 0, got {config.eval.floor_tolerance}")
   cpu, dist = config.mesh.cpu_devices, config.distributed
@@ -448,10 +473,14 @@ def validate(config) -> None:
     need(_is_int(dist[f]) and dist[f] > 0, f"distributed.{f}", f"must be a positive int (seconds), got {dist[f]!r}")
 
 
-def decoder_config(config, vocab_size: int) -> DecoderConfig:
-  """The DecoderConfig of `config.model`, with vocab_size=-1 resolved to the corpus's."""
+def decoder_config(config, vocab_size: int, platform: str | None = None) -> DecoderConfig:
+  """The DecoderConfig of `config.model`, with vocab_size=-1 resolved to the corpus's and
+  model.attention resolved (`model.resolve_attention`) for `platform` (default: JAX's
+  backend), once at startup: every caller builds its model through here."""
   m = dict(config.model)
   m.pop("causal")
+  m["attention"] = resolve_attention(m["attention"], platform or jax.default_backend(),
+                                     packed=bool(config.data.packing))
   if m["vocab_size"] == -1:
     m["vocab_size"] = vocab_size
   elif m["vocab_size"] != vocab_size:

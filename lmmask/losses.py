@@ -13,6 +13,8 @@ exactly across micro-batches and devices, plus the loss and accuracy.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -62,18 +64,60 @@ def reduce_loss(nll, mask, reduction: str):
   return seq_sum.sum()
 
 
-def token_sums(logits, targets, loss_mask):
-  """(B, T) masked NLL and the metrics that add up exactly across micro-batches and
-  devices: nll_sum, num_tokens, num_seqs, num_correct. The one place they are derived."""
-  nll, safe_targets, mask = per_token_nll(logits, targets, loss_mask)
-  pred = jnp.argmax(logits, axis=-1)
-  sums = {
+def _sums(nll, mask, pred, safe_targets):
+  """The metrics that add up exactly across micro-batches and devices, from (B, T)
+  masked NLL, mask, predictions and targets. The one place they are derived."""
+  return {
       "nll_sum": nll.sum(),
       "num_tokens": mask.sum(),
       "num_seqs": (mask.sum(axis=1) > 0).sum().astype(jnp.float32),
       "num_correct": ((pred == safe_targets) * mask).sum(),
   }
-  return nll, mask, sums
+
+
+def token_sums(logits, targets, loss_mask):
+  """(B, T) masked NLL, the mask, and the summed metrics (`_sums`): nll_sum,
+  num_tokens, num_seqs, num_correct."""
+  nll, safe_targets, mask = per_token_nll(logits, targets, loss_mask)
+  pred = jnp.argmax(logits, axis=-1)
+  return nll, mask, _sums(nll, mask, pred, safe_targets)
+
+
+class ChunkedLogits(NamedTuple):
+  """Logits given as the final hidden states (B, T, D) and the head that maps a
+  (B, C, D) slice of them to float32 (B, C, V) logits, applied `chunk` positions at
+  a time (loss.logits_chunk)."""
+  hidden: jnp.ndarray
+  head: Callable
+  chunk: int
+
+
+def chunked_token_sums(logits: ChunkedLogits, targets, loss_mask):
+  """`token_sums` plus the (B, T) log-normaliser, the head applied `chunk` positions
+  at a time under jax.checkpoint: only one chunk's (B, C, V) logits exist at once, in
+  the forward and (recomputed) in the backward, instead of several whole float32
+  (B, T, V) arrays. Per token the same arithmetic; the gradients of the head sum
+  over chunks in another order (equal up to float rounding)."""
+  hidden, head, chunk = logits
+  b, t = targets.shape
+  n = -(-t // chunk)
+
+  def split(x):  # (B, T, ...) -> (n, B, chunk, ...); padded positions get mask 0
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape((b, n, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(xs):
+    h, tg, m = xs
+    lg = head(h).astype(jnp.float32)
+    nll, safe, mk = per_token_nll(lg, tg, m)
+    return nll, jnp.argmax(lg, axis=-1), safe, jax.nn.logsumexp(lg, axis=-1)
+
+  out = jax.lax.map(one, (split(hidden), split(jnp.asarray(targets)),
+                          split(jnp.asarray(loss_mask).astype(jnp.float32))))
+  nll, pred, safe, logz = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in out)
+  mask = jnp.asarray(loss_mask).astype(jnp.float32)
+  return nll, mask, _sums(nll, mask, pred, safe), logz
 
 
 def masked_cross_entropy(logits, targets, loss_mask, *, reduction: str = "token_mean"):
@@ -166,14 +210,19 @@ def split_micro_batches(batch, steps: int):
 
 def _micro(logits_fn, params, mb, weights, rng, z_loss):
   logits = logits_fn(params, mb, rng)
-  nll, mask, sums = token_sums(logits, mb.targets, mb.loss_mask)
+  if isinstance(logits, ChunkedLogits):
+    nll, mask, sums, logz = chunked_token_sums(logits, mb.targets, mb.loss_mask)
+  else:
+    nll, mask, sums = token_sums(logits, mb.targets, mb.loss_mask)
+    logz = None
   # A zero-weight token adds exactly nothing (as reduce_loss's zero guard: a NaN or
   # inf loss mask gives weights 0 and a finite loss; its gradients stay NaN).
   counted = weights != 0
   sums["ce"] = jnp.where(counted, weights * nll, 0.0).sum()
   objective = sums["ce"]
   if z_loss > 0:  # static: coefficient * reduce(logsumexp(logits)**2), same weights as the CE
-    logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    if logz is None:
+      logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     sums["z_loss"] = z_loss * jnp.where(counted, weights * jnp.square(logz) * mask, 0.0).sum()
     objective = objective + sums["z_loss"]
   return objective, sums
@@ -187,7 +236,7 @@ def loss_and_grads(logits_fn, params, batch, *, reduction: str, steps: int = 1, 
   plus, with z_loss > 0, the z-loss term; metrics["loss"] is the cross-entropy
   alone and metrics["z_loss"] the z-loss term.
 
-  logits_fn(params, micro_batch, rng) -> (b, T, V) logits. With steps > 1 the
+  logits_fn(params, micro_batch, rng) -> (b, T, V) logits, or `ChunkedLogits`. With steps > 1 the
   micro-batches run one after another inside a lax.scan (one compiled body,
   activations of one micro-batch alive at a time); micro-batch i gets the
   dropout key fold_in(rng, i).

@@ -46,6 +46,19 @@ def key_padding_mask(key_mask) -> jnp.ndarray:
   return key_mask.astype(bool)[:, None, None, :]
 
 
+def keys_up_to(key_mask, last) -> jnp.ndarray:
+  """(B, T) key mask with every key after column `last` hidden (`last` may be traced).
+
+  Column `last` then sees its prefix alone, whatever the model's attention mask: the
+  view of a model run on a sequence that ends there (inference mode, decoding
+  without a cache).
+  """
+  key_mask = jnp.asarray(key_mask)
+  if key_mask.ndim != 2:
+    raise ValueError(f"key_mask must be (B, T), got shape {key_mask.shape}")
+  return key_mask.astype(bool) & (jnp.arange(key_mask.shape[1])[None, :] <= last)
+
+
 def segment_mask(segment_ids) -> jnp.ndarray:
   """Bool (B, 1, T, T): query and key in the same segment, key not padding (id 0)."""
   seg = jnp.asarray(segment_ids)
@@ -135,19 +148,6 @@ def attention_structure(key_mask, *, segment_ids=None, causal: bool = True,
   return AttentionStructure(bool(causal), None, key_padding_mask(key_mask))
 
 
-def structure_to_mask(structure: AttentionStructure, t: int) -> jnp.ndarray:
-  """Expand an AttentionStructure back to the dense bool (B, 1, T, T) mask it means."""
-  mask = jnp.ones((1, 1, t, t), bool)
-  if structure.is_causal:
-    mask = mask & causal_mask(t)
-  if structure.key_value_seq_lengths is not None:
-    lengths = jnp.asarray(structure.key_value_seq_lengths)
-    mask = mask & (jnp.arange(t)[None, :] < lengths[:, None])[:, None, None, :]
-  if structure.mask is not None:
-    mask = mask & structure.mask
-  return mask
-
-
 def rows_with_key(key_mask, *, segment_ids=None, causal: bool = True) -> jnp.ndarray:
   """Float (B, 1, T, 1): 1 where the query row of ``attention_mask`` allows some key.
 
@@ -173,3 +173,58 @@ def rows_with_key(key_mask, *, segment_ids=None, causal: bool = True) -> jnp.nda
   else:
     has = jnp.broadcast_to(key_mask.any(axis=1, keepdims=True), key_mask.shape)
   return has[:, None, :, None].astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# The same facts for the Pallas attention kernels (splash on TPU, Triton `mha` on
+# GPU), which take only "causal" and one segment id per position: no dense mask,
+# no lengths. Key padding becomes a segment of its own.
+
+class KernelMask(NamedTuple):
+  """What a segment-id kernel needs to allow exactly `attention_mask` at real queries.
+
+  segment_ids: int32 (B, Tp), Tp = T rounded up to the kernel block. Query i may see
+    key j iff their ids are equal (and j <= i when causal). Real tokens keep their
+    segment's id; pad positions, and the positions added to reach Tp, share one id no
+    real token has, so they see only each other: no row is empty (an empty row would
+    make the kernel's softmax divide by zero) and no real query sees a pad.
+  causal: static; the kernel's own (top-left aligned, Tq == Tk) causal mask.
+  real: bool (B, T), the queries whose rows equal `attention_mask`'s; the outputs at
+    the other positions are attention among pads and are zeroed by the caller.
+  """
+  segment_ids: jnp.ndarray
+  causal: bool
+  real: jnp.ndarray
+
+
+def kernel_mask(key_mask, *, segment_ids=None, causal: bool = True, block: int) -> KernelMask:
+  """The segment-id form of ``attention_mask(key_mask, segment_ids, causal)``, padded
+  to a multiple of `block` positions."""
+  key_mask = jnp.asarray(key_mask).astype(bool)
+  if key_mask.ndim != 2:
+    raise ValueError(f"key_mask must be (B, T), got shape {key_mask.shape}")
+  if not isinstance(block, int) or block < 1:
+    raise ValueError(f"block must be a positive int, got {block!r}")
+  b, t = key_mask.shape
+  if segment_ids is None:  # one document per row: every real token in segment 1
+    seg = jnp.ones((b, t), jnp.int32)
+  else:
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    if seg.shape != key_mask.shape:
+      raise ValueError(f"segment_ids {seg.shape} and key_mask {key_mask.shape} differ in shape")
+  # A key is visible iff it is real and in a segment (id != 0), as in segment_mask.
+  real = key_mask & (seg != 0)
+  fresh = jnp.minimum(seg.min(initial=0), 0) - 1  # below every id in use
+  ids = jnp.where(real, seg, fresh)
+  tp = -(-t // block) * block
+  ids = jnp.pad(ids, ((0, 0), (0, tp - t)), constant_values=fresh)
+  return KernelMask(ids, bool(causal), real)
+
+
+def kernel_mask_to_mask(km: KernelMask) -> jnp.ndarray:
+  """Expand a KernelMask back to the dense bool (B, 1, Tp, Tp) mask the kernel applies."""
+  seg = jnp.asarray(km.segment_ids)
+  mask = (seg[:, :, None] == seg[:, None, :])[:, None]
+  if km.causal:
+    mask = mask & causal_mask(seg.shape[1])
+  return mask

@@ -17,8 +17,10 @@ already-rotated k, v of new tokens; `attend` takes any keys/values (e.g. cached
 ones concatenated with new ones) and a (B, 1, Tq, Tk) boolean mask's bias.
 
 Speed options (all exact, off = the reference path): `attention` picks
-the einsum reference or jax.nn.dot_product_attention (xla | cudnn) fed with the
-structured form of the same mask (`masks.attention_structure`); `remat`
+the einsum reference, jax.nn.dot_product_attention (xla | cudnn) fed with the
+structured form of the same mask (`masks.attention_structure`), or a Pallas
+kernel fed segment ids (`masks.kernel_mask`): splash (TPU) or Triton `mha` (GPU),
+both run in interpret mode on a CPU backend (docs/performance.md); `remat`
 recomputes block activations in the backward pass; `scan_layers` runs the
 blocks in a lax.scan. Dense layers always see 2-D (N, features) inputs and q is
 scaled before QK^T (both measured faster on XLA:CPU, see benchmarks/).
@@ -26,35 +28,68 @@ scaled before QK^T (both measured faster on XLA:CPU, see benchmarks/).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.gpu import attention as triton_attention
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lmmask import masks
+from lmmask import masks, parallel
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 POS_ENCODINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
-# Attention paths that apply an arbitrary boolean mask, hence packed rows' segment ids
-# (cudnn folds it into its bias). A fused kernel that takes only lengths or causality
-# would silently let packed documents attend to each other: it must not be listed here,
-# and packing then refuses it (config.validate, and the check in Decoder.__call__).
-HONOURS_SEGMENTS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash", "triton")
+# Attention paths that keep packed rows' documents apart: einsum, xla and cudnn apply
+# the boolean mask (cudnn folds it into its dense bias), splash and triton take the
+# segment ids themselves. A fused kernel that takes only lengths or causality would
+# silently let packed documents attend to each other: it must not be listed here, and
+# packing then refuses it (config.validate, and the check in Decoder.__call__).
+HONOURS_SEGMENTS = ("einsum", "xla", "cudnn", "splash", "triton")
+# Pallas kernels: fed `masks.kernel_mask` (segment ids, T padded to KERNEL_BLOCK).
+KERNELS = ("splash", "triton")
+# Sequence tile of both kernels: T is padded up to a multiple of it. 128 is splash's
+# smallest kv block (a multiple of the TPU's 128 lanes) and Triton mha's default q/k
+# block (a power of two, as Triton's tiles must be).
+KERNEL_BLOCK = 128
+
+# Where each path runs; CPU runs every path but cudnn (the kernels in interpret mode).
+ATTENTION_PLATFORMS = {"splash": ("tpu", "cpu"), "triton": ("gpu", "cpu"), "cudnn": ("gpu",)}
+
+
+def resolve_attention(name: str, platform: str, *, packed: bool) -> str:
+  """model.attention with `auto` resolved for `platform` (a JAX backend name): splash on
+  TPU; on GPU triton for packed rows (segment ids, memory linear in T) and cudnn for
+  unpacked ones (cudnn honours packing only through a dense T x T bias); einsum on CPU
+  (the reference, so CPU results do not move). A named path the platform cannot run
+  is refused, never replaced."""
+  if name == "auto":
+    return {"tpu": "splash", "gpu": "triton" if packed else "cudnn"}.get(platform, "einsum")
+  runs_on = lambda n: platform in ATTENTION_PLATFORMS.get(n, (platform,))  # noqa: E731
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention: unknown {name!r}; valid: auto, "
+                     f"{', '.join(ATTENTION_IMPLS)}")
+  if not runs_on(name):
+    raise ValueError(f"config.model.attention: {name!r} does not run on {platform}; use auto "
+                     f"or one of {', '.join(n for n in ATTENTION_IMPLS if runs_on(n))}")
+  return name
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   vocab_size: int
+  dropout: float                  # model.dropout of the config (decoder_config); no default here
   d_model: int = 64
   n_layers: int = 2
   n_heads: int = 4
   d_ff: int = 192
   max_len: int = 16
-  dropout: float = 0.0
   dtype: str = "float32"          # compute dtype of activations; params, logits of
                                   # attention, softmax and loss stay float32
   gelu_approximate: bool = False  # False: exact erf GELU; True: tanh approximation
@@ -71,10 +106,11 @@ class DecoderConfig:
   mlp_bias: bool = True           # bias on fc1 and fc2
   head_bias: bool = True          # bias on the untied LM head
   norm_eps: float = 1e-6          # epsilon of every LayerNorm / RMSNorm
-  # Speed: attention kernel, rematerialisation, scan over layers.
-  attention: str = "einsum"       # einsum (reference) | xla | cudnn (jax.nn.dot_product_attention)
+  # Speed: rematerialisation, scan over layers; the attention path has no default here:
+  # config.decoder_config passes the one model.attention resolved at startup.
   remat: bool = False             # recompute each block's activations in the backward pass
   scan_layers: bool = False       # lax.scan over blocks (compile time on accelerators)
+  attention: str = dataclasses.field(kw_only=True)  # one of ATTENTION_IMPLS
 
   def __post_init__(self):
     def need(cond, msg):
@@ -107,7 +143,8 @@ class DecoderConfig:
     need(isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1,
          f"norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
     need(self.attention in ATTENTION_IMPLS,
-         f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}")
+         f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r} "
+         f"('auto' is resolved by config.decoder_config before a DecoderConfig is built)")
 
   @property
   def kv_heads(self) -> int:
@@ -127,6 +164,9 @@ class DecoderConfig:
     unknown = sorted(set(d) - fields)
     if unknown:
       raise ValueError(f"unknown DecoderConfig field(s) {unknown}; valid: {sorted(fields)}")
+    if "attention" not in d:
+      raise ValueError("DecoderConfig needs attention (one of "
+                       f"{', '.join(ATTENTION_IMPLS)}); it has no default of its own")
     return cls(**dict(d))
 
 
@@ -245,6 +285,115 @@ def attend_fused(q, k, v, structure: masks.AttentionStructure, has_key,
   return out.reshape(b, tq, h * d)
 
 
+# ---------------------------------------------------------------------------
+# Pallas kernels: splash (TPU) and Triton mha (GPU). Each takes the segment ids of
+# `masks.kernel_mask` and its causal flag, never a (T, T) mask, so attention memory
+# is linear in T. On a CPU backend each runs in interpret mode (the kernel's own code
+# emulated by XLA:CPU); lowering for its accelerator uses the real kernel
+# (`lax.platform_dependent` keeps only the branch of the platform lowered for).
+
+def _splash_blocks():
+  b = KERNEL_BLOCK
+  return splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, t: int, causal: bool, interpret: bool):
+  """The splash kernel for `heads` query heads over `t` (a multiple of KERNEL_BLOCK)
+  positions; built once per shape, outside any trace (its block tables are constants)."""
+  with jax.ensure_compile_time_eval():
+    static = splash.CausalMask((t, t)) if causal else splash.FullMask((t, t))
+    return splash.make_splash_mha(splash.MultiHeadMask([static] * heads), head_shards=1,
+                                  q_seq_shards=1, block_sizes=_splash_blocks(),
+                                  interpret=interpret)
+
+
+def _batch_mesh():
+  """(mesh, batch axes) of the mesh set around the jitted step (parallel.jit_train_step),
+  or None: the kernels then run inside shard_map, one batch shard per device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axes = tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names)
+  if math.prod(mesh.shape[a] for a in axes) == 1:
+    return None
+  return mesh, axes
+
+
+def _per_shard(fn, args, specs, batch: int):
+  """fn(*args) inside shard_map over the batch axes (specs: the args' specs without the
+  batch axis spec, None for a batched array), or fn(*args) when no mesh splits the batch."""
+  found = _batch_mesh()
+  if found is None:
+    return fn(*args)
+  mesh, axes = found
+  n = math.prod(mesh.shape[a] for a in axes)
+  if batch % n:  # e.g. an eval batch's remainder: the whole batch on each device
+    return fn(*args)
+  row = P(axes)
+  in_specs = tuple(row if s is None else s(mesh) for s in specs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=row, check_vma=False)(*args)
+
+
+def _splash(q, k, v, seg, causal):
+  """q (B, Tp, H, D), k and v (B, Tp, Hkv, D) -> (B, Tp, H, D); grouped kv heads natively."""
+  b, tp, h, _ = q.shape
+  kernels = (_splash_kernel(h, tp, causal, True), _splash_kernel(h, tp, causal, False))
+
+  def run(kernels, q, k, v, seg):
+    def branch(kernel):
+      one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))  # noqa: E731
+      return lambda q, k, v, s: jax.vmap(one)(q, k, v, s)
+    return jax.lax.platform_dependent(q, k, v, seg, cpu=branch(kernels[0]),
+                                      tpu=branch(kernels[1]))
+
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  splash: [H, T, D] per example
+  kernel_spec = lambda mesh: tuple(  # noqa: E731  replicated: no head or q-sequence shards
+      kern.manual_sharding_spec(NamedSharding(mesh, P(None, None))) for kern in kernels)
+  out = _per_shard(run, (kernels, heads_first(q), heads_first(k), heads_first(v), seg),
+                   (kernel_spec, None, None, None, None), b)
+  return heads_first(out)
+
+
+def _triton(q, k, v, seg, causal):
+  """q (B, Tp, H, D), k and v (B, Tp, Hkv, D) -> (B, Tp, H, D); kv heads repeated (mha
+  has no grouped heads), so query head h uses kv head h // (H / Hkv) as in `attend`."""
+  g = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  blocks = triton_attention.BlockSizes(  # mha's defaults, named: backward tiles of 32
+      block_q=KERNEL_BLOCK, block_k=KERNEL_BLOCK, block_q_dkv=32, block_kv_dkv=32,
+      block_q_dq=32, block_kv_dq=32)
+
+  def run(q, k, v, seg):
+    def branch(interpret):
+      return functools.partial(triton_attention.mha, sm_scale=1.0, causal=causal,
+                               block_sizes=blocks, interpret=interpret)
+    return jax.lax.platform_dependent(q, k, v, seg, cpu=branch(True), cuda=branch(False))
+  return _per_shard(run, (q, k, v, seg), (None, None, None, None), q.shape[0])
+
+
+def attend_kernel(q, k, v, km: masks.KernelMask, implementation: str):
+  """`attend` through a Pallas kernel: q (B, T, H, D), k and v (B, T, Hkv, D), the mask
+  as `masks.kernel_mask` gives it. T is padded to km's length (the added positions
+  are a pad segment), the result cut back; outputs at non-real positions are zeroed
+  (the reference gives 0 there too when a row has no key). Returns (B, T, H * D)."""
+  b, t, h, d = q.shape
+  tp = km.segment_ids.shape[1]
+  if tp % KERNEL_BLOCK or tp < t:
+    raise ValueError(f"model.attention={implementation!r} needs the sequence padded to a "
+                     f"multiple of {KERNEL_BLOCK}, got {tp} positions for T={t}; build the "
+                     f"mask with masks.kernel_mask(..., block=model.KERNEL_BLOCK), or use "
+                     f"model.attention='einsum', 'xla' or 'cudnn'")
+  # Scaled q, as `attend` scales it: the kernels then run with scale 1.
+  q = (q.astype(jnp.float32) * (1.0 / math.sqrt(d))).astype(q.dtype)
+  q, k, v = (jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0))) for x in (q, k, v))
+  run = {"splash": _splash, "triton": _triton}[implementation]
+  out = run(q, k, v, km.segment_ids, km.causal)[:, :t]
+  out = out * km.real[:, :, None, None].astype(out.dtype)
+  return out.reshape(b, t, h * d)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
@@ -272,10 +421,13 @@ class Attention(nnx.Module):
     if positions is None and self.cfg.pos_encoding == "rope":
       raise ValueError("rope attention needs the (B, T) positions array")
     q, k, v = self.project(x, positions)
-    if isinstance(bias, masks.AttentionStructure):  # fused kernel
-      if head_mask is not None:
-        raise ValueError("head_mask needs the attention probabilities; use "
-                         "model.attention='einsum'")
+    if isinstance(bias, (masks.AttentionStructure, masks.KernelMask)) and head_mask is not None:
+      raise ValueError(f"head_mask needs the attention probabilities, which "
+                       f"model.attention={self.cfg.attention!r} does not form; use "
+                       f"model.attention='einsum'")
+    if isinstance(bias, masks.KernelMask):  # Pallas kernel
+      out, probs = attend_kernel(q, k, v, bias, self.cfg.attention), None
+    elif isinstance(bias, masks.AttentionStructure):  # jax.nn.dot_product_attention
       out, probs = attend_fused(q, k, v, bias, has_key, self.cfg.attention), None
     else:
       out, probs = attend(q, k, v, bias, has_key, head_mask)
@@ -351,7 +503,7 @@ class Decoder(nnx.Module):
   def __call__(self, inputs, *, key_mask=None, positions=None, segment_ids=None,
                head_mask=None, causal: bool = True, return_attention: bool = False,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               keys_are_prefix: bool = False):
+               keys_are_prefix: bool = False, apply_head: bool = True):
     """inputs (B, T) int -> logits (B, T, V) float32 [, list of (B, H, T, T) probs].
 
     key_mask: (B, T) True on real tokens (default: all real).
@@ -361,6 +513,8 @@ class Decoder(nnx.Module):
     deterministic / rngs: dropout off, or on with ``rngs.dropout``.
     keys_are_prefix: static promise that real keys are a prefix of each row (right
       padding, no packing); lets the fused attention paths use sequence lengths.
+    apply_head: False returns the final residual stream (B, T, d_model) instead of
+      the logits, for a loss that applies `logits` a chunk at a time.
     """
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be (B, T) token ids, got shape {inputs.shape}")
@@ -373,11 +527,19 @@ class Decoder(nnx.Module):
     key_mask = key_mask.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
-    fused = self.cfg.attention != "einsum" and not return_attention
-    if segment_ids is not None and self.cfg.attention not in HONOURS_SEGMENTS:
-      raise ValueError(f"model.attention={self.cfg.attention!r} cannot apply segment ids; "
+    impl = self.cfg.attention
+    if return_attention and impl != "einsum":  # never a silent switch to another path
+      raise ValueError(f"return_attention needs the attention probabilities, which "
+                       f"model.attention={impl!r} does not form; build the model with "
+                       f"attention='einsum' on the same weights (the audit does)")
+    if segment_ids is not None and impl not in HONOURS_SEGMENTS:
+      raise ValueError(f"model.attention={impl!r} cannot apply segment ids; "
                        f"packed rows need one of {', '.join(HONOURS_SEGMENTS)}")
-    if fused:  # the same mask in structured form
+    if impl in KERNELS:  # the same mask as segment ids
+      bias = masks.kernel_mask(key_mask, segment_ids=segment_ids, causal=causal,
+                               block=KERNEL_BLOCK)
+      has_key = None
+    elif impl != "einsum":  # the same mask in structured form
       bias = masks.attention_structure(key_mask, segment_ids=segment_ids, causal=causal,
                                        keys_are_prefix=keys_are_prefix)
       if segment_ids is not None and bias.mask is None:  # never drop the segment mask
@@ -407,10 +569,29 @@ class Decoder(nnx.Module):
           x, probs = block(x, bias, has_key, hm, deterministic, rngs, positions)
         if return_attention:
           all_probs.append(probs)
+    if not apply_head:
+      return x
     logits = self.logits(x)
     if return_attention:
       return logits, all_probs
     return logits
+
+
+def prefix_forward(model: Decoder, inputs, *, key_mask, causal: bool, positions=None,
+                   segment_ids=None, upto=None, **kw):
+  """The one forward of token ids: logits (B, T, V) of `model` on `inputs`.
+
+  `step.forward` (training, evaluation), `decode` (generation without a KV cache) and
+  the verbs inference-mode loss all go through here, so they see the same masks.
+  upto: None, or a column (may be traced): every key after it is hidden
+  (`masks.keys_up_to`), so column `upto` is predicted from its prefix alone, as at
+  inference, even for a model trained without the causal mask.
+  Other keywords go to `Decoder.__call__`.
+  """
+  if upto is not None:
+    key_mask = masks.keys_up_to(key_mask, upto)
+  return model(inputs, key_mask=key_mask, positions=positions, segment_ids=segment_ids,
+               causal=causal, **kw)
 
 
 def _remat_block(block, x, bias, has_key, head_mask, deterministic, positions):

@@ -181,10 +181,23 @@ def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1):
 
 def jit_train_step(step_fn, state, mesh: Mesh, rules=RULES):
   """jit `step_fn(state, batch)` with the state's shardings pinned on input and output
-  (the state is donated) and the batch split over data x fsdp."""
+  (the state is donated) and the batch split over data x fsdp. It is traced and run
+  with `mesh` set (jax.set_mesh), so the attention kernels, which XLA cannot split,
+  run inside shard_map on each device's rows (model._per_shard). `.jitted` is the
+  jitted function itself (for jax.export, under the same mesh)."""
   ss = state_shardings(state, mesh, rules)
-  return jax.jit(step_fn, in_shardings=(ss, batch_sharding(mesh)), out_shardings=(ss, None),
-                 donate_argnums=0)
+  jitted = jax.jit(step_fn, in_shardings=(ss, batch_sharding(mesh)), out_shardings=(ss, None),
+                   donate_argnums=0)
+
+  def run(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  def lower(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted.lower(state, batch)
+  run.jitted, run.mesh, run.lower = jitted, mesh, lower
+  return run
 
 
 # ---------------------------------------------------------------------------
@@ -211,14 +224,14 @@ def initialize_distributed(dist_config) -> bool:
     return False
   if jax.distributed.is_initialized():  # e.g. eval after train in one process
     return True
-  timeouts = dict(heartbeat_timeout_seconds=int(dist_config.get("heartbeat_timeout_s", 100)),
-                  shutdown_timeout_seconds=int(dist_config.get("shutdown_timeout_s", 300)))
+  if mode not in ("auto", "manual"):
+    raise ValueError(f"distributed.mode must be off | auto | manual, got {mode!r}")
+  timeouts = dict(heartbeat_timeout_seconds=int(dist_config.heartbeat_timeout_s),
+                  shutdown_timeout_seconds=int(dist_config.shutdown_timeout_s))
   _use_gloo_on_cpu()
   if mode == "auto":
     jax.distributed.initialize(**timeouts)
     return True
-  if mode != "manual":
-    raise ValueError(f"distributed.mode must be off | auto | manual, got {mode!r}")
   addr = dist_config.coordinator_address or os.environ.get("LMMASK_COORDINATOR")
   nproc = dist_config.num_processes
   pid = dist_config.process_id
@@ -241,9 +254,10 @@ def initialize_distributed(dist_config) -> bool:
 _BARRIERS = itertools.count()  # every process passes the same barriers in the same order
 
 
-def barrier(name: str, timeout_s: int = 1800):
+def barrier(name: str, timeout_s: int):
   """Wait until every process reaches this point (no-op with one process). Raises
-  after `timeout_s` naming the barrier, so a lost peer never hangs a run."""
+  after `timeout_s` (distributed.barrier_timeout_s) naming the barrier, so a lost
+  peer never hangs a run."""
   if jax.process_count() == 1:
     return
   key = f"lmmask_{name}_{next(_BARRIERS)}"

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lmmask import losses, optim, parallel
+from lmmask import model as model_lib
 from lmmask.batching import Batch
 from lmmask.config import decoder_config
 from lmmask.model import Decoder
@@ -62,6 +63,7 @@ class StepOptions:
   z_loss: float = 0.0             # loss.z_loss coefficient
   skip_nonfinite: bool = False    # train.nonfinite == "skip"
   grad_accum_steps: int = 1       # optim.grad_accum_steps: micro-batches per step
+  logits_chunk: int = 0           # loss.logits_chunk: positions per chunk of the LM head + loss
   # Right padding, no packing: real keys are a prefix, the fused attention uses lengths.
   keys_are_prefix: bool = False
 
@@ -93,22 +95,18 @@ class TrainState:
                         opt_state=tree["opt_state"], rng=tree["rng"])
 
 
-def keys_are_prefix(config) -> bool:
-  """True when every row's real tokens are a prefix (right padding, one document per
-  row), so segment ids add nothing and the fused attention can use lengths."""
-  d = config.data
-  return d.corpus in ("verbs", "shards") and d.pad_side == "right" and not d.packing
-
-
-def step_options(config) -> StepOptions:
+def step_options(config, keys_are_prefix: bool) -> StepOptions:
+  """keys_are_prefix: the batches' promise (`DataSource.keys_are_prefix`)."""
   return StepOptions(reduction=losses.check_reduction(config.loss.reduction),
                      causal=bool(config.model.causal), z_loss=float(config.loss.z_loss),
                      skip_nonfinite=config.train.nonfinite == "skip",
                      grad_accum_steps=int(config.optim.grad_accum_steps),
-                     keys_are_prefix=keys_are_prefix(config))
+                     logits_chunk=int(config.loss.logits_chunk),
+                     keys_are_prefix=bool(keys_are_prefix))
 
 
-def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
+def create_train_state(config, rng, *, vocab_size: int, keys_are_prefix: bool) -> TrainState:
+  """vocab_size and keys_are_prefix: the corpus's (`DataSource` fields of the same names)."""
   cfg = decoder_config(config, vocab_size)
   init_rng, train_rng = jax.random.split(rng)
   model = Decoder(cfg, rngs=nnx.Rngs(params=init_rng))
@@ -116,23 +114,26 @@ def create_train_state(config, rng, *, vocab_size: int) -> TrainState:
   tx, sched = optim.make_optimizer(config.optim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_rng, graphdef=graphdef, tx=tx, schedule=sched,
-                    options=step_options(config))
+                    options=step_options(config, keys_are_prefix))
 
 
 # ---------------------------------------------------------------------------
 # The forward and the steps.
 
 def forward(state: TrainState, params, batch: Batch, *, deterministic: bool = True, rng=None,
-            return_attention: bool = False):
-  """Logits (B, T, V) of `batch` under `params`, masked as training masks it."""
+            return_attention: bool = False, upto=None, apply_head: bool = True):
+  """Logits (B, T, V) of `batch` under `params`, masked as training masks it.
+  upto: hide every key after this column (`model.prefix_forward`); apply_head=False:
+  the final hidden states instead of the logits."""
   model = nnx.merge(state.graphdef, params)
   rngs = None if deterministic else nnx.Rngs(dropout=rng)
   prefix = state.options.keys_are_prefix
   # Unpacked batches have segment_ids == key_mask: dropping them changes nothing.
-  return model(batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
-               segment_ids=None if prefix else batch.segment_ids,
-               causal=state.options.causal, deterministic=deterministic, rngs=rngs,
-               keys_are_prefix=prefix, return_attention=return_attention)
+  return model_lib.prefix_forward(
+      model, batch.inputs, key_mask=batch.key_mask, positions=batch.positions,
+      segment_ids=None if prefix else batch.segment_ids, causal=state.options.causal,
+      upto=upto, deterministic=deterministic, rngs=rngs, keys_are_prefix=prefix,
+      return_attention=return_attention, apply_head=apply_head)
 
 
 def train_step(state: TrainState, batch: Batch):
@@ -144,6 +145,10 @@ def train_step(state: TrainState, batch: Batch):
   # loss = cross-entropy + z-loss term (differentiated); metrics["loss"] stays the
   # cross-entropy, metrics["z_loss"] is the z-loss term (when loss.z_loss > 0).
   logits_fn = lambda p, mb, r: forward(state, p, mb, deterministic=False, rng=r)  # noqa: E731
+  if o.logits_chunk:  # static: the LM head applied inside the loss, a chunk at a time
+    def logits_fn(p, mb, r):
+      hidden = forward(state, p, mb, deterministic=False, rng=r, apply_head=False)
+      return losses.ChunkedLogits(hidden, nnx.merge(state.graphdef, p).logits, o.logits_chunk)
   loss, grads, metrics = losses.loss_and_grads(
       logits_fn, state.params, batch, reduction=o.reduction, steps=o.grad_accum_steps,
       rng=rng, z_loss=o.z_loss)

@@ -23,6 +23,7 @@ from lmmask import workdir as wd
 from lmmask.data import registry
 from lmmask.eval import evaluate as evaluation
 from lmmask.eval import floor as floor_lib
+from lmmask.eval import harness
 from lmmask.model import count_params
 
 
@@ -53,6 +54,70 @@ class Logger:
 
 def is_due(step: int, every: int, last: int) -> bool:
   return step % every == 0 or step == last
+
+
+# ---------------------------------------------------------------------------
+# The loop's pieces, shared with the vmapped seed groups (seedvmap.py).
+
+class NonfinitePolicy:
+  """train.nonfinite for one run: count and report skipped updates (skip), or say
+  what went non-finite so the caller stops the run (stop)."""
+
+  def __init__(self, config, skips: int, name: str):
+    self.skip = config.train.nonfinite == "skip"
+    self.skips = skips  # updates dropped over the whole experiment (resumes carry it)
+    self.name = name    # who reports (a seed group names the run)
+
+  def check(self, metrics: dict, done: int) -> str | None:
+    """None when step `done` is finite or its update was skipped (then counted,
+    reported and logged as `nonfinite_skips`); else what is non-finite: stop."""
+    bad = [name for name, key in (("loss", "loss"), ("gradient norm", "grad_norm"))
+           if not np.isfinite(metrics[key])]
+    if bad and not self.skip:
+      return " and ".join(bad)
+    if bad:
+      self.skips += 1
+      print(f"{self.name}: non-finite {' and '.join(bad)} at step {done}; update skipped "
+            f"(train.nonfinite=skip, {self.skips} skipped so far)", file=sys.stderr, flush=True)
+    if self.skip:
+      metrics["nonfinite_skips"] = self.skips
+    return None
+
+
+def train_row(metrics: dict) -> dict:
+  """A step's metrics as logged (the sums behind the means left out)."""
+  return {k: v for k, v in metrics.items() if k not in ("nll_sum", "num_correct")}
+
+
+def evaluate_and_log(config, state, data, eval_sets, floor_monitor, logger, done: int) -> dict:
+  """The periodic evaluation: every eval set, the leak alarm below the entropy floor,
+  the log lines, and eval.harness_tasks on the live weights (eval/harness.py).
+  Returns the eval sets' numbers."""
+  ev = step_lib.run_evals(state, eval_sets)
+  floor = floor_monitor.check(done, ev)
+  if logger is not None:
+    logger.write(done, "eval", dict(ev, **floor))
+  if config.eval.harness_tasks:
+    hv = harness.run_live(config, data, evaluation.host_state(state), done)
+    if logger is not None:
+      logger.write(done, "harness", hv)
+  return ev
+
+
+def build_results(config, state, data, floor_monitor, final_eval: dict, *, best_val, best_step,
+                  steps_done: int, seconds: float, skips: int, extras: bool) -> dict:
+  """results.json of a run: its final evaluation, best, size, speed and settings, then
+  (extras) the leak alarm and the corpus's own end-of-run extras."""
+  results = {"step": int(state.step), **final_eval,
+             "best_val_loss": best_val, "best_step": best_step,
+             "num_params": count_params(state.model()),
+             "steps_per_sec": steps_done / seconds if steps_done else None,
+             "train_seconds": seconds, "split": config.data.split,
+             "reduction": config.loss.reduction, "causal": bool(config.model.causal),
+             "nonfinite_skips": skips}
+  if extras:  # n-gram baseline, exact match, ...
+    results.update(evaluation.results_extras(config, state, data, floor_monitor, results))
+  return results
 
 
 class Profiler:
@@ -108,7 +173,8 @@ def _open_workdir(config, workdir: str, cfg_dict: dict, writer: bool):
   if config.train.init_from:  # checked before anything is written into the workdir
     base_cfg = wd.check_init_from(config, workdir, data)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                      vocab_size=data.vocab_size)
+                                      vocab_size=data.vocab_size,
+                                      keys_are_prefix=data.keys_are_prefix)
   eval_sets = data.eval_sets()
   floor_monitor = floor_lib.FloorMonitor(config, data, workdir)
   if writer:
@@ -168,12 +234,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"initialised from {init_from} (step {base_step}); fresh optimizer", flush=True)
   if writer and not os.path.exists(model_file):
     wd.atomic_write_json(model_file, wd.model_record(config, data))
+  # model.attention resolved once, here (auto: by backend and packing); logged and kept
+  # with the run's provenance, not its results (the maths is the same on every path).
+  attention = config_lib.decoder_config(config, data.vocab_size).attention
+  print(f"lmmask: model.attention={config.model.attention} -> {attention} "
+        f"({jax.default_backend()})", file=sys.stderr, flush=True)
   if writer:
-    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE), wd.provenance())
+    wd.atomic_write_json(os.path.join(workdir, wd.PROVENANCE_FILE),
+                         {**wd.provenance(), "attention": attention})
 
   total = config.train.steps
+  nonfinite = NonfinitePolicy(config, skips, "lmmask")
   meta = lambda: {"config": cfg_dict, "best_val_loss": best_val,  # noqa: E731
-                  "nonfinite_skips": skips}
+                  "nonfinite_skips": nonfinite.skips}
   logger = Logger(workdir) if writer else None
   step_fn = parallel.jit_train_step(step_lib.train_step, state, mesh)  # sharded, donated
   start = int(state.step)
@@ -187,7 +260,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_done = 0
   last_eval = None  # (step, metrics) of the latest in-loop evaluation
   completed = False
-  skip_nonfinite = state.options.skip_nonfinite
   stop = preempt.StopSignals().install()  # SIGTERM/SIGINT: finish step, save, exit 128+signum
   try:
     for step in range(start, total):
@@ -199,20 +271,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       metrics = jax.device_get(metrics)
       steps_done += 1
       done = step + 1
-      bad = [name for name, key in (("loss", "loss"), ("gradient norm", "grad_norm"))
-             if not np.isfinite(metrics[key])]
-      if bad and skip_nonfinite:
-        skips += 1
-        print(f"lmmask: non-finite {' and '.join(bad)} at step {done}; update skipped "
-              f"(train.nonfinite=skip, {skips} skipped so far)", file=sys.stderr, flush=True)
-      elif bad:
+      bad = nonfinite.check(metrics, done)
+      if bad:
         raise FloatingPointError(
-            f"non-finite {' and '.join(bad)} at step {done} (loss={metrics['loss']}, "
+            f"non-finite {bad} at step {done} (loss={metrics['loss']}, "
             f"grad_norm={metrics['grad_norm']}); stopped without saving it: the last good "
             f"checkpoint is kept in {mngr.directory}. Lower optim.lr, check the data, or "
             f"rerun with train.nonfinite=skip to skip such updates.")
-      if skip_nonfinite:
-        metrics["nonfinite_skips"] = skips
       window_tokens += float(metrics["real_tokens"])
       if bar is not None:
         bar.update(1)
@@ -222,17 +287,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         metrics["tokens_per_sec"] = window_tokens / max(now - window_t, 1e-9)
         window_t, window_tokens = now, 0.0
         if logger is not None:
-          logger.write(done, "train", {k: v for k, v in metrics.items()
-                                       if k not in ("nll_sum", "num_correct")})
+          logger.write(done, "train", train_row(metrics))
         if bar is not None:
           bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                           tok_s=f"{metrics['tokens_per_sec']:.0f}")
       if is_due(done, config.train.eval_every, total):
-        ev = step_lib.run_evals(state, eval_sets)
-        last_eval = (done, dict(ev))
-        ev.update(floor_monitor.check(done, ev))  # alarm below the entropy floor
-        if logger is not None:
-          logger.write(done, "eval", ev)
+        ev = evaluate_and_log(config, state, data, eval_sets, floor_monitor, logger, done)
+        last_eval = (done, ev)
         if ev["val_loss"] < best_val:
           best_val = ev["val_loss"]
           ckpt.save(best, done, state.checkpoint_tree(), meta())
@@ -271,15 +332,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # (already at train.steps) evaluates here.
   final_eval = last_eval[1] if last_eval and last_eval[0] == int(state.step) else \
       step_lib.run_evals(state, eval_sets)
-  results = {"step": int(state.step), **final_eval,
-             "best_val_loss": best_val, "best_step": best.latest_step(),
-             "num_params": count_params(state.model()),
-             "steps_per_sec": steps_done / elapsed if steps_done else None,
-             "train_seconds": elapsed, "split": config.data.split,
-             "reduction": config.loss.reduction, "causal": bool(config.model.causal),
-             "nonfinite_skips": skips}
-  # Leak alarm and the corpus's own extras (n-gram baseline, exact match, ...).
-  results.update(evaluation.results_extras(config, state, data, floor_monitor, results))
+  results = build_results(config, state, data, floor_monitor, final_eval, best_val=best_val,
+                          best_step=best.latest_step(), steps_done=steps_done, seconds=elapsed,
+                          skips=nonfinite.skips, extras=True)
   if writer:
     wd.atomic_write_json(os.path.join(workdir, wd.RESULTS_FILE), results)
   mngr.close()

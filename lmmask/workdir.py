@@ -162,7 +162,8 @@ def restore_state(workdir: str, which: str = "latest", step: int | None = None, 
   parallel.setup_jax_cache(config.train.jax_cache_dir)
   data = registry.load(config, workdir) if data is None else data
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                      vocab_size=data.vocab_size)
+                                      vocab_size=data.vocab_size,
+                                      keys_are_prefix=data.keys_are_prefix)
   sub = WHICH[which]
   if not ckpt.committed_steps(workdir, sub):
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, sub)}; train first")
@@ -172,7 +173,8 @@ def restore_state(workdir: str, which: str = "latest", step: int | None = None, 
     except ValueError:  # the run's own mesh does not fit these devices: data parallel
       mesh = parallel.make_mesh(-1, 1)
     state = parallel.shard_state(state, mesh)
-  mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False)
+  mngr = ckpt.manager(workdir, sub, config.train.keep_checkpoints, create=False,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   try:
     restored, tree, _ = ckpt.restore(mngr, step, state.checkpoint_tree())
   finally:

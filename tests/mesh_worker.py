@@ -46,7 +46,8 @@ def main():
   config = tiny_config(**{"model.dropout": 0.0, "optim.name": "sgd", "optim.clip_norm": 0.0,
                           "optim.warmup_steps": 0, "optim.schedule": "constant",
                           "optim.lr": 0.5, "optim.weight_decay": 0.0})
-  base = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=V)
+  base = step_lib.create_train_state(config, jax.random.PRNGKey(0), vocab_size=V,
+                                     keys_are_prefix=True)
   base_params = jax.device_get(base.params)  # host copy: the sharded step donates its input
   batch = skewed_batch()
   per_micro = [float(batch.loss_mask[i::4].sum()) for i in range(4)]
@@ -92,9 +93,9 @@ def main():
 
   # Checkpoint saved on 4 x 2, restored on 8 x 1, 2 x 4 and one device.
   with tempfile.TemporaryDirectory() as tmp:
-    mngr = ckpt.manager(tmp, "c", 2)
+    mngr = ckpt.manager(tmp, "c", 2, barrier_timeout_s=config.distributed.barrier_timeout_s)
     ckpt.save(mngr, 1, new.checkpoint_tree(), {"note": "4x2"})
-    mngr.wait_until_finished()
+    ckpt.finish(mngr)
     restored = {}
     for name, target in (("8x1", parallel.shard_state(base, parallel.make_mesh(8, 1))),
                          ("2x4", parallel.shard_state(base, parallel.make_mesh(2, 4))),

@@ -93,9 +93,10 @@ def _from_dict(**changes):
 def _other_shape(ctx):
   other = tiny_config(**{"model.d_model": 48})
   state = step_lib.create_train_state(other, jax.random.PRNGKey(0),
-                                   vocab_size=len(verbs.build_vocab()))
+                                   vocab_size=len(verbs.build_vocab()), keys_are_prefix=True)
   ctx.watch = ctx.run_dir
-  mngr = ckpt.manager(ctx.run_dir, ckpt.CKPT_DIR, 2, create=False)
+  mngr = ckpt.manager(ctx.run_dir, ckpt.CKPT_DIR, 2, create=False,
+                      barrier_timeout_s=other.distributed.barrier_timeout_s)
   return lambda: ckpt.restore(mngr, None, state.checkpoint_tree())
 
 
@@ -172,8 +173,8 @@ def _decoder_too_long(ctx):
   from flax import nnx
 
   from lmmask.model import Decoder, DecoderConfig
-  model = Decoder(DecoderConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, d_ff=16,
-                                max_len=4), rngs=nnx.Rngs(0))
+  model = Decoder(DecoderConfig(vocab_size=20, dropout=0.0, d_model=8, n_layers=1, n_heads=2, d_ff=16,
+                                max_len=4, attention="einsum"), rngs=nnx.Rngs(0))
   return lambda: model(np.zeros((1, 6), np.int32))
 
 
@@ -300,14 +301,7 @@ def _snapshot(path):
   return sorted(out)
 
 
-def test_table_has_enough_cases():
-  assert len(CASES) >= 25
-  assert len({c.id for c in CASES}) == len(CASES)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, tmp_path, tiny_run, monkeypatch):
-  ctx = Ctx(tmp=str(tmp_path), run_dir=tiny_run[0], monkeypatch=monkeypatch)
+def _check_case(case, ctx):
   fn = case.make(ctx)
   before = _snapshot(ctx.watch)
   with pytest.raises(Exception) as info:
@@ -320,6 +314,27 @@ def test_bad_input(case, tmp_path, tiny_run, monkeypatch):
   if isinstance(err, LaunchExit):
     assert err.code == 1 and "Traceback" not in message
   assert _snapshot(ctx.watch) == before, f"{case.id} changed {ctx.watch}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path, tiny_run, monkeypatch):
+  _check_case(case, Ctx(tmp=str(tmp_path), run_dir=tiny_run[0], monkeypatch=monkeypatch))
+
+
+def test_planted_bug_workdir_made_before_validation_is_caught(tmp_path, tiny_run, monkeypatch):
+  """The twin of the table's workdir check: a trainer that creates the workdir before it
+  validates the config leaves an empty experiment behind its error, and the check fails."""
+  ctx = Ctx(tmp=str(tmp_path), run_dir=tiny_run[0], monkeypatch=monkeypatch)
+  real = config_lib.validate
+
+  def validate_after_mkdir(config):
+    os.makedirs(ctx.watch, exist_ok=True)
+    return real(config)
+
+  monkeypatch.setattr(config_lib, "validate", validate_after_mkdir)
+  case = next(c for c in CASES if c.id == "lr_zero")
+  with pytest.raises(AssertionError, match="lr_zero changed"):
+    _check_case(case, ctx)
 
 
 def test_disk_full_during_save_keeps_previous(tmp_path, monkeypatch):

@@ -143,7 +143,8 @@ def test_init_from_restores_base_params_with_fresh_optimizer(datasets, tmp_path)
   c.train.init_from = base
   data = registry.load(c)
   base_cfg = workdir_lib.check_init_from(c, str(tmp_path / "sft"), data)
-  state = step_lib.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(7), vocab_size=data.vocab_size,
+                                      keys_are_prefix=data.keys_are_prefix)
   state, base_step = workdir_lib.init_from_base(c, state, base_cfg, data)
   _, base_state = _restore(base)
   assert base_step == int(base_state.step) == 6
@@ -170,7 +171,8 @@ def test_zero_mask_batch_keeps_params_and_optimizer_state(datasets):
   # step is the one the init_from tests already built (persistent cache).
   c = chat_config(f"sft,tiny,data={datasets['chat']}")
   data = registry.load(c)
-  state = step_lib.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size)
+  state = step_lib.create_train_state(c, jax.random.PRNGKey(0), vocab_size=data.vocab_size,
+                                      keys_are_prefix=data.keys_are_prefix)
   step = jax.jit(step_lib.train_step, donate_argnums=0)
   good = data.train_batch(0)
   state, m1 = step(state, good)  # AdamW momentum is now non-zero
@@ -199,8 +201,9 @@ def _restore(workdir):
   config = ConfigDict(workdir_lib.load_config(workdir))
   meta = shards.read_meta(config.data.path)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(0),
-                                   vocab_size=meta["vocab_size"])
-  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False)
+                                   vocab_size=meta["vocab_size"], keys_are_prefix=True)
+  mngr = ckpt.manager(workdir, ckpt.CKPT_DIR, 2, create=False,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
   mngr.close()
   return config, state.replace_from_tree(tree)

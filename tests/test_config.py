@@ -176,3 +176,23 @@ def test_packing_refuses_an_attention_path_without_segment_ids(monkeypatch):
   monkeypatch.setattr(config_lib, "HONOURS_SEGMENTS", ("einsum",))
   with pytest.raises(ValueError, match="model.attention.*segment ids"):
     config_lib.validate(c)
+
+
+def test_dropout_comes_from_the_config_and_refuses_remat_and_scan():
+  c = config_lib.load_file(os.path.join(REPO, "configs", "verbs.py") + ":tiny")
+  assert config_lib.decoder_config(c, 40).dropout == c.model.dropout > 0
+  with pytest.raises(TypeError, match="dropout"):
+    DecoderConfig(vocab_size=40)  # no default of its own
+  for field in ("remat", "scan_layers"):
+    bad = config_lib.apply_overrides(c, {f"model.{field}": True})
+    with pytest.raises(ValueError, match=rf"config.model.{field}: .*model.dropout=0"):
+      config_lib.validate(bad)
+    config_lib.validate(config_lib.apply_overrides(bad, {"model.dropout": 0.0}))
+
+
+def test_text_steps_variant_moves_the_schedule_horizon():
+  for arg, steps in (("steps=300", 300), ("tiny,steps=12", 12)):
+    c = config_lib.load_file(os.path.join(REPO, "configs", "text.py") + ":" + arg)
+    assert c.train.steps == c.optim.decay_steps == steps
+  c = config_lib.load_file(os.path.join(REPO, "configs", "text.py"))
+  assert (c.train.steps, c.optim.decay_steps) == (400, 400)

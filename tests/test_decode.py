@@ -17,8 +17,8 @@ PROMPTS = [[1, 5, 6, 7], [1], [1, 9, 10], [1, 4, 12, 3, 8, 6]]
 def model():
   # A large init std makes the random model's logits far from uniform, so a wrong
   # mask or position shows up as a large logit difference.
-  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
-                      init_std=0.3)
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
+                      init_std=0.3, attention="einsum")
   return Decoder(cfg, rngs=nnx.Rngs(params=3))
 
 
@@ -46,8 +46,8 @@ def test_kv_cache_logits_match_full_forward_every_step(model):
 def test_kv_cache_parity_with_decoder_options(name):
   """Every decoder option that changes attention or positions (rotary positions,
   grouped-query / multi-query attention, and the all-options "modern" model)."""
-  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
-                      init_std=0.3, **COMBOS[name])
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=16,
+                      init_std=0.3, attention="einsum", **COMBOS[name])
   m = Decoder(cfg, rngs=nnx.Rngs(params=4))
   assert max_parity_error(m) < 1e-5
   batch = decode.generate(m, PROMPTS, max_new_tokens=6, eos_id=None, return_logits=True)
@@ -64,7 +64,7 @@ def test_planted_top_left_causal_mask_breaks_parity(model, monkeypatch):
 
   def clear():  # the jitted cache steps traced the real mask; drop their compiled code
     decode._prefill.clear_cache()
-    decode._step_cached.clear_cache()
+    decode._decode_loop.clear_cache()
 
   clear()
   monkeypatch.setattr(masks, "causal_mask", top_left)
@@ -211,3 +211,92 @@ def test_bad_inputs_raise_clear_errors(model):
     decode.generate(model, [[1], []], max_new_tokens=2, eos_id=None)
   with pytest.raises(ValueError, match="top_p"):
     decode.filter_logits(jnp.zeros((1, 4)), top_p=1.5)
+
+
+# ---------------------------------------------------------------------------
+# The compiled loop against a plain Python loop: a full forward per token, the same
+# selection (decode.select_next, key fold_in(rng, step)) and the same stop rules.
+
+@nnx.jit
+def _full_forward(model, ids, key_mask):
+  return model(ids, key_mask=key_mask)
+
+
+def reference_generate(model, prompts, n, *, stops=(), temperature=0.0, top_k=None, top_p=None,
+                       rng=None, pad_id=0):
+  p = max(len(x) for x in prompts)
+  ids = np.full((len(prompts), p + n), pad_id, np.int32)
+  real = np.zeros(ids.shape, bool)
+  for i, x in enumerate(prompts):
+    ids[i, p - len(x):p] = x
+    real[i, p - len(x):p] = True
+  tokens = np.full((len(prompts), n), pad_id, np.int32)
+  lengths = np.zeros(len(prompts), np.int32)
+  done = np.zeros(len(prompts), bool)
+  for s in range(n):
+    logits = _full_forward(model, jnp.asarray(ids), jnp.asarray(real))[:, p - 1 + s]
+    key = jax.random.fold_in(rng if rng is not None else jax.random.PRNGKey(0), s)
+    nxt = np.asarray(decode.select_next(logits, key, temperature=temperature, top_k=top_k,
+                                        top_p=top_p))
+    nxt = np.where(done, pad_id, nxt)
+    tokens[:, s], lengths = nxt, lengths + ~done
+    done |= np.isin(nxt, list(stops))
+    ids[:, p + s], real[:, p + s] = nxt, True
+    if done.all():
+      break
+  return tokens, lengths
+
+
+RAGGED = [[1, 5, 6, 7, 2, 9, 11, 3, 4], [1], [1, 9, 10], [1, 4, 12, 3, 8, 6]]  # P = 9 -> 16
+
+
+@pytest.mark.parametrize("name,sampling", [
+    ("learned-mha", dict()),
+    ("learned-mha", dict(temperature=1.3, top_k=6, top_p=0.9, rng=jax.random.PRNGKey(5))),
+    ("modern", dict()),  # rope, GQA, tied head, RMSNorm, SwiGLU
+    ("modern", dict(temperature=0.8, rng=jax.random.PRNGKey(2))),
+])
+def test_compiled_loop_gives_the_reference_loop_tokens(name, sampling):
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=48,
+                      max_len=24, init_std=0.3, attention="einsum", **COMBOS[name])
+  m = Decoder(cfg, rngs=nnx.Rngs(params=4))
+  free = decode.generate(m, RAGGED, max_new_tokens=8, eos_id=None, **sampling)
+  want, want_len = reference_generate(m, RAGGED, 8, **sampling)
+  np.testing.assert_array_equal(free.tokens, want)
+  np.testing.assert_array_equal(free.lengths, want_len)
+  # end of text in the middle of the batch: row 0 stops at its 3rd token, others
+  # on their own (or never); a chat end-of-turn given as a stop id ends a row the same way
+  eos, turn_end = int(free.tokens[0, 2]), int(free.tokens[2, 4])
+  gen = decode.generate(m, RAGGED, max_new_tokens=8, eos_id=eos, stop_ids=[turn_end],
+                        **sampling)
+  want, want_len = reference_generate(m, RAGGED, 8, stops=(eos, turn_end), **sampling)
+  np.testing.assert_array_equal(gen.tokens, want)
+  np.testing.assert_array_equal(gen.lengths, want_len)
+  assert gen.lengths[0] <= 3 and gen.lengths[2] <= 5 and (gen.tokens[0, 3:] == 0).all()
+  assert decode.strip_after_eos(gen.tokens[2], eos_id=eos, stop_ids=[turn_end]) == [
+      int(t) for t in want[2, :want_len[2] - 1]] or want_len[2] == 8
+
+
+def test_a_batch_that_stops_early_runs_no_more_steps(model):
+  """Every row stopped at step 1: the loop ends, later logits stay unwritten (zero)."""
+  first = decode.generate(model, [[1, 5]], max_new_tokens=8, eos_id=None, return_logits=True)
+  gen = decode.generate(model, [[1, 5]], max_new_tokens=8, eos_id=int(first.tokens[0, 0]),
+                        return_logits=True)
+  assert gen.lengths.tolist() == [1] and (gen.logits[:, 1:] == 0).all()
+  assert np.abs(gen.logits[:, 0]).max() > 0
+
+
+def test_bfloat16_weights_agree_with_float32(model):
+  """Half the weight bytes per step; the same greedy tokens on this model, logits close."""
+  a = decode.generate(model, PROMPTS, max_new_tokens=8, eos_id=None, return_logits=True)
+  b = decode.generate(model, PROMPTS, max_new_tokens=8, eos_id=None, return_logits=True,
+                      weights_dtype="bfloat16")
+  assert (a.tokens == b.tokens).mean() >= 0.9
+  assert np.abs(a.logits[:, 0] - b.logits[:, 0]).max() < 0.1 * np.abs(a.logits[:, 0]).max()
+  with pytest.raises(ValueError, match="weights_dtype"):
+    decode.generate(model, PROMPTS, max_new_tokens=2, eos_id=None, weights_dtype="fp8")
+
+
+def test_stop_ids_outside_the_vocabulary_are_refused(model):
+  with pytest.raises(ValueError, match="stop_ids"):
+    decode.generate(model, PROMPTS, max_new_tokens=2, eos_id=None, stop_ids=[V])

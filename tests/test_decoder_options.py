@@ -17,7 +17,7 @@ V = 13  # tiny vocabulary; id 0 is padding
 
 
 def _cfg(**kw):
-  base = dict(vocab_size=V, d_model=16, n_layers=2, n_heads=4, d_ff=24, max_len=12)
+  base = dict(vocab_size=V, dropout=0.0, d_model=16, n_layers=2, n_heads=4, d_ff=24, max_len=12, attention="einsum")
   base.update(kw)
   return M.DecoderConfig(**base)
 
@@ -365,7 +365,8 @@ def test_train_step_reports_z_loss_apart():
   corpus = verbs.build_corpus()
   split = pipeline.pad_split(corpus.train, length=cfg.data.length, pad_id=0, pad_side="right")
   batch = pipeline.train_batch(split, step=0, batch_size=8, seed=0, pad_id=0)
-  state = step_lib.create_train_state(cfg, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  state = step_lib.create_train_state(cfg, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab),
+                                      keys_are_prefix=True)
   ce = step_lib.eval_step(state, batch)
   logits = step_lib.forward(state, state.params, batch, deterministic=True)
   z = losses.z_loss(logits, batch.loss_mask, coefficient=0.5)

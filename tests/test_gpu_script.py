@@ -27,5 +27,6 @@ def test_gpu_script_prints_json_when_python_fails():
 def test_gpu_script_dry_run_on_cpu():
   out = _gpu_sh("--dry-run", "budget_s=0", PYTHON=sys.executable)  # this venv's Python
   assert out["dry_run"] is True and out["backend"] == "cpu"
-  assert set(out["parts"]) == {"cudnn_vs_einsum", "bf16", "speed_gpt100m", "speed_smollm135m"}
+  assert set(out["parts"]) == {"cudnn_vs_einsum", "bf16", "kernels", "speed_gpt100m",
+                               "speed_gpt100m_auto_packed", "speed_smollm135m"}
   assert all("skipped" in p for p in out["parts"].values())

@@ -23,7 +23,7 @@ LAYERS = (
     ("lmmask.eval", "lmmask.interop"),
     # 5 runs
     ("lmmask.train", "lmmask.seedvmap", "lmmask.sweep", "lmmask.report", "lmmask.cluster",
-     "lmmask.multiprocess", "lmmask.preempt"),
+     "lmmask.multiprocess", "lmmask.preempt", "lmmask.lowering"),
     # 6 entry points and scripts
     ("launch", "configs", "experiments", "benchmarks"),
 )

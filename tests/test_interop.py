@@ -139,7 +139,7 @@ def test_sft_from_imported_then_eval_audit_export(imported, chats, tmp_path):
   data = registry.load(config, w)
   assert data.tokenizer.pad_token == "<|endoftext|>"
   # The SFT masks are the assistant turns (content + <|im_end|>), from the template.
-  toks, mask = data.info["train"].doc(0)
+  toks, mask = data.documents("train").doc(0)
   text = data.tokenizer.decode(toks[mask.astype(bool)], skip_special_tokens=False)
   assert text.endswith("<|im_end|>") and "plus" not in text
   for mode in ("eval", "audit"):
@@ -194,7 +194,8 @@ def test_chat_format_of_a_pretrained_template(imported):
 
 
 def test_family_of_refuses_native_option(tmp_path):
-  cfg = hf.DecoderConfig(vocab_size=16, pos_encoding="rope", norm="layernorm")
+  cfg = hf.DecoderConfig(vocab_size=16, dropout=0.0, pos_encoding="rope", norm="layernorm",
+                         attention="einsum")
   with pytest.raises(ValueError, match="DecoderConfig.norm"):
     hf.family_of(cfg)
   assert interop.export_tokenizer(None) is None

@@ -100,8 +100,8 @@ def _one_batch(corpus, side="left"):
 def _load(workdir, step=None, which="latest"):
   """(config, corpus, train split, val split, state, step) of a verbs workdir."""
   config, data, state, restored = workdir_lib.restore_state(workdir, which, step)
-  _, train_split, val_split = verbs_source.splits(config)
-  return config, data.info, train_split, val_split, state, restored
+  corpus, train_split, val_split = verbs_source.splits(config)
+  return config, corpus, train_split, val_split, state, restored
 
 
 def clear_probe_caches():
@@ -198,7 +198,7 @@ def test_exact_match_scoring_against_hand_counts(monkeypatch):
     return decode.Generation(tokens=toks, lengths=None, prompt_ids=None, logits=None)
 
   monkeypatch.setattr(decode, "generate", fake_generate)
-  res = eval_verbs.exact_match(None, corpus, num_examples=5)
+  res = eval_verbs.exact_match(None, corpus, direction="es_en", max_new_tokens=8, num_examples=5)
   assert res["exact_match"] == pytest.approx(want_ok / len(forms))
   assert res["exact_match_regular"] == pytest.approx(want_reg / res["num_regular"])
   assert res["over_regularised"] == want_over > 0
@@ -244,9 +244,9 @@ def test_generate_text_from_checkpoint(runs):
 
 def test_exact_match_reverse_direction_runs(runs):
   _, corpus, _, _, state, _ = _load(runs[True][0])
-  res = eval_verbs.exact_match(state, corpus, direction="en_es", num_examples=3)
+  res = eval_verbs.exact_match(state, corpus, direction="en_es", max_new_tokens=8, num_examples=3)
   assert res["num_prompts"] == 60 and res["over_regularised"] is None
   assert res["rows"][0]["prompt"].endswith("/") and res["rows"][0]["prompt"].startswith("I ")
   assert res["rows"][0]["reference"].startswith("yo ")
   with pytest.raises(ValueError, match="direction"):
-    eval_verbs.exact_match(state, corpus, direction="fr_en")
+    eval_verbs.exact_match(state, corpus, direction="fr_en", max_new_tokens=8, num_examples=0)

@@ -40,14 +40,19 @@ def test_causal_mask_matches_loop():
       assert got[0, 0, i, j] == (j <= i)
 
 
-@pytest.mark.parametrize("offset", [0, 3, 6])
-def test_causal_mask_with_query_offset_is_bottom_right_aligned(offset):
+def check_bottom_right_aligned(causal_mask, offset):
+  """A cached query block of 2 after `offset` earlier keys sees every key up to itself."""
   q, kv = 2, offset + 2
-  got = np.asarray(masks.causal_mask(q, kv, q_offset=offset))
+  got = np.asarray(causal_mask(q, kv, q_offset=offset))
   assert got.shape == (1, 1, q, kv)
   for i in range(q):
     for j in range(kv):
-      assert got[0, 0, i, j] == (j <= offset + i)
+      assert got[0, 0, i, j] == (j <= offset + i), (offset, i, j)
+
+
+@pytest.mark.parametrize("offset", [0, 3, 6])
+def test_causal_mask_with_query_offset_is_bottom_right_aligned(offset):
+  check_bottom_right_aligned(masks.causal_mask, offset)
 
 
 def test_causal_mask_per_row_offsets():
@@ -58,11 +63,19 @@ def test_causal_mask_per_row_offsets():
     np.testing.assert_array_equal(got[b, 0, 0], np.arange(8) <= o)
 
 
-def test_planted_bug_top_left_alignment_is_wrong_with_offset():
-  """jax's is_causal (top-left) equals offset 0; with a cache the query sits later."""
-  right = np.asarray(masks.causal_mask(1, 6, q_offset=5))
-  top_left = np.asarray(masks.causal_mask(1, 6, q_offset=0))
-  assert right[0, 0, 0].sum() == 6 and top_left[0, 0, 0].sum() == 1
+def top_left_causal_mask(q_len, kv_len=None, *, q_offset=0):
+  """Planted bug: jax's is_causal alignment (query i sees keys 0..i), which ignores the
+  query's offset in a cache."""
+  kv_len = q_len if kv_len is None else kv_len
+  return jnp.asarray(np.tril(np.ones((q_len, kv_len), bool)))[None, None]
+
+
+@pytest.mark.parametrize("offset", [3, 6])
+def test_planted_bug_top_left_alignment_is_wrong_with_offset(offset):
+  """The offset test catches a top-left aligned mask whenever the query sits later."""
+  check_bottom_right_aligned(top_left_causal_mask, 0)  # the two agree without an offset
+  with pytest.raises(AssertionError):
+    check_bottom_right_aligned(top_left_causal_mask, offset)
 
 
 def test_key_padding_mask_shape_and_values():
@@ -148,3 +161,21 @@ def test_apply_head_mask_shapes_and_values():
       np.testing.assert_allclose(got2[b, h], probs[b, h] * hm2[b, h])
   with pytest.raises(ValueError, match="head_mask must have shape"):
     masks.apply_head_mask(probs, np.ones(4))
+
+
+def loop_keys_up_to(key_mask, last):
+  km = np.asarray(key_mask, bool)
+  return np.array([[bool(km[b, j]) and j <= last for j in range(km.shape[1])]
+                   for b in range(km.shape[0])])
+
+
+def test_keys_up_to_matches_loop_and_an_off_by_one_twin_fails():
+  rng = np.random.default_rng(3)
+  km = rng.random((3, 9)) > 0.3
+  for last in range(9):
+    want = loop_keys_up_to(km, last)
+    np.testing.assert_array_equal(np.asarray(masks.keys_up_to(jnp.asarray(km), last)), want)
+    twin = km & (np.arange(9)[None, :] < last)  # hides column `last` itself
+    assert (twin != want).any() or not km[:, last].any()
+  with pytest.raises(ValueError, match=r"\(B, T\)"):
+    masks.keys_up_to(jnp.ones((9,), bool), 3)

@@ -15,7 +15,8 @@ from lmmask.batching import make_batch
 from lmmask.model import Decoder, DecoderConfig
 
 V, PAD = 23, 0
-CFG = DecoderConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=12)
+CFG = DecoderConfig(vocab_size=V, dropout=0.0, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=12,
+                    attention="einsum")
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def test_segment_ids_block_cross_document_attention(model):
 ])
 def test_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    DecoderConfig(vocab_size=10, **kwargs)
+    DecoderConfig(**{"vocab_size": 10, "dropout": 0.0, "attention": "einsum", **kwargs})
 
 
 def test_too_long_input_is_refused(model):
@@ -182,9 +183,23 @@ def test_too_long_input_is_refused(model):
 
 
 def test_bfloat16_compute_stays_finite_under_left_padding():
-  cfg = DecoderConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=12,
-                      dtype="bfloat16")
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=12,
+                      dtype="bfloat16", attention="einsum")
   m = Decoder(cfg, rngs=nnx.Rngs(1))
   b = make_batch([[1, 2], [1, 3, 4, 5, 6, 7, 2]], pad_id=PAD, pad_side="left")
   out = m(jnp.asarray(b.inputs), key_mask=jnp.asarray(b.key_mask))
   assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+
+
+def test_prefix_forward_column_sees_only_its_prefix_even_without_the_causal_mask(model):
+  """prefix_forward(upto=t) at column t == the non-causal model run on tokens 0..t alone;
+  the full non-causal forward (no upto) differs there (its column t sees the future)."""
+  x = np.random.default_rng(1).integers(1, V, (2, 7))
+  km = np.ones_like(x, bool)
+  for t in (2, 5):
+    got = model_lib.prefix_forward(model, jnp.asarray(x), key_mask=jnp.asarray(km),
+                                   causal=False, upto=t)
+    alone = forward(model, x[:, :t + 1], km[:, :t + 1], causal=False)
+    np.testing.assert_allclose(np.asarray(got)[:, t], alone[:, t], atol=1e-5)
+    full = forward(model, x, km, causal=False)
+    assert np.abs(full[:, t] - alone[:, t]).max() > 1e-3

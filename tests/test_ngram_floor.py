@@ -150,3 +150,12 @@ def test_verb_floor_is_below_the_trained_causal_ngram():
     assert total / count >= f - 1e-6
   with pytest.raises(ValueError, match="at least one"):
     floor.entropy_floor([])
+
+
+def test_verbs_report_uses_the_configured_floor_tolerance():
+  from lmmask.eval import verbs as eval_verbs
+  extras = {"entropy_floor": 1.0}
+  below = {"train_loss": 0.9}  # 0.1 under the floor
+  for tolerance, flagged in ((0.01, True), (0.5, False)):
+    text = eval_verbs.format_extras(below, dict(extras, floor_tolerance=tolerance))
+    assert ("BELOW THE FLOOR" in text) == flagged

@@ -11,10 +11,14 @@ import pytest
 from conftest import load_config
 from ml_collections import ConfigDict
 
+from lmmask import batching, train
 from lmmask import config as config_lib
-from lmmask.data import prepare, registry, shards, text, tokenizer
+from lmmask import workdir as workdir_lib
+from lmmask.data import pipeline, prepare, registry, shards, text, tokenizer, verbs_source
 from lmmask.data.source import DataSource
-from lmmask.data.verbs import VerbCorpus
+from lmmask.eval import evaluate as evaluation
+from lmmask.eval import floor as floor_lib
+from lmmask.eval import text as eval_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PINNED = os.path.join(HERE, "fixtures", "pinned")
@@ -35,8 +39,8 @@ def batch_hash(b) -> str:
 
 
 def upgrade(cfg: dict) -> dict:
-  """A saved text config as every run reads it (config.upgrade: data.pack renamed to
-  data.packing, fields added since filled)."""
+  """A saved config as every reader sees it (`config.upgrade`: data.pack is now
+  data.packing, fields added since are filled)."""
   return config_lib.to_dict(config_lib.upgrade(cfg))
 
 
@@ -46,7 +50,7 @@ def _json(path):
 
 
 def pinned_cases(tmp, legacy_root):
-  verbs = _json(os.path.join(PINNED, "verbs_config.json"))
+  verbs = upgrade(_json(os.path.join(PINNED, "verbs_config.json")))
   text = upgrade(_json(os.path.join(PINNED, "text_config.json")))
   packed = json.loads(json.dumps(verbs))
   packed["data"]["packing"] = True
@@ -58,7 +62,7 @@ def pinned_cases(tmp, legacy_root):
          "legacy_text": (upgrade(_json(os.path.join(legacy_root, "text", "config.json"))),
                          os.path.join(legacy_root, "text"))}
   for name in ("chat_sft", "chat_base"):
-    out[name] = (_json(os.path.join(legacy_root, name, "config.json")), None)
+    out[name] = (upgrade(_json(os.path.join(legacy_root, name, "config.json"))), None)
   return out
 
 
@@ -168,12 +172,26 @@ def test_legacy_chat_datasets_read_back_and_rebuild_byte_identically(tmp_path, l
 def test_datasource_fields_for_every_corpus(tmp_path, legacy):
   assert registry.CORPORA == ("verbs", "text", "shards", "pretrained")
   cases = pinned_cases(str(tmp_path), legacy)
-  for name, corpus in (("verbs", "verbs"), ("text", "text"), ("chat_sft", "shards")):
+  # (corpus, keys_are_prefix, train_eval_whole): only unpacked verbs rows and shards
+  # documents are right-padded from a row's start; only verbs evaluates whole documents.
+  want = {"verbs": ("verbs", True, True), "verbs_packed": ("verbs", False, True),
+          "text": ("text", False, False), "chat_sft": ("shards", True, False)}
+  for name, (corpus, prefix, whole) in want.items():
     cfg, workdir = cases[name]
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", UserWarning)
       data = registry.load(ConfigDict(cfg), workdir)
     assert isinstance(data, DataSource) and data.name == corpus
+    assert (data.keys_are_prefix, data.train_eval_whole) == (prefix, whole), name
+    for split in ("train", "val"):
+      docs = data.documents(split)
+      lengths = docs.doc_lengths()
+      assert len(lengths) == len(docs) > 0 and [len(docs.doc(i)[0]) for i in (0, -1)] == \
+          [lengths[0], lengths[-1]]
+    with pytest.raises(ValueError, match="'test'.*train, val"):
+      data.documents("test")
+    if name == "verbs_packed":
+      continue
     tok = data.tokenizer
     assert (tok.vocab_size, tok.pad_id) == (data.vocab_size, data.pad_id)
     assert json.loads(json.dumps(data.identity)) == data.identity  # JSON-able as is
@@ -185,17 +203,23 @@ def test_datasource_fields_for_every_corpus(tmp_path, legacy):
   # model.json files written before the registry compare equal to the identity.
   verbs = registry.load(ConfigDict(cases["verbs"][0]))
   assert verbs.identity == _json(os.path.join(legacy, "verbs", "model.json"))["data"]
-  assert isinstance(verbs.info, VerbCorpus) and verbs.info.vocab is verbs.tokenizer.vocab
+  corpus = verbs_source.corpus(ConfigDict(cases["verbs"][0]))
+  assert corpus.vocab is verbs.tokenizer.vocab
+  train_docs = verbs.documents("train")
+  assert [tuple(train_docs.doc(i)[0]) for i in range(len(train_docs))] == \
+      [e.ids for e in corpus.train]
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
     sft = registry.load(ConfigDict(cases["chat_sft"][0]))
   assert sft.identity == _json(os.path.join(legacy, "chat_sft", "model.json"))["data"]
   assert sft.tokenizer.role_id == {"system": 3, "user": 4, "assistant": 5}
-  assert sft.tokenizer.end_id == 6 and len(sft.info["val"]) == 1
+  assert sft.tokenizer.end_id == 6 and len(sft.documents("val")) == 1
+  assert sft.documents("val").doc(0)[1] is not None  # the SFT mask comes with the ids
   old_text = registry.load(ConfigDict(cases["legacy_text"][0]), cases["legacy_text"][1])
   assert old_text.identity["tokenizer_sha256"] == shards.read_meta(
       os.path.join(legacy, "text", "data"))["fingerprint"]["tokenizer_sha256"]
-  assert len(old_text.info["val"]) and old_text.info["tokenizer"] is old_text.tokenizer
+  assert len(old_text.documents("val")) == shards.read_meta(
+      os.path.join(legacy, "text", "data"))["splits"]["val"]["num_docs"]
 
 
 def test_verbs_tokenizer_names_unknown_words():
@@ -211,3 +235,86 @@ def test_unknown_corpus_and_missing_workdir_are_clear(tmp_path):
     registry.load(c)
   with pytest.raises(ValueError, match="needs a workdir"):
     registry.load(load_config("text.py", "tiny"))
+
+
+# ---------------------------------------------------------------------------
+# The contract is all the loop and the evaluators use.
+
+class _Docs:
+  """Nothing but `source.Documents`."""
+
+  def __init__(self, docs):
+    self._docs = [np.asarray(d, np.int64) for d in docs]
+
+  def __len__(self):
+    return len(self._docs)
+
+  def doc_lengths(self):
+    return np.asarray([len(d) for d in self._docs], np.int64)
+
+  def doc(self, i):
+    return self._docs[i], None
+
+
+class _CharTokenizer:
+  pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 3 + 8
+  LETTERS = "abcdefgh"
+
+  def encode(self, text):
+    return [3 + self.LETTERS.index(ch) for ch in text]
+
+  def decode(self, ids, skip_special=True):
+    return "".join(self.LETTERS[int(i) - 3] if int(i) >= 3 else ("" if skip_special else "|")
+                   for i in ids)
+
+
+def _fake_source(config, workdir=None):
+  """A corpus that exists only as the DataSource contract: words over 8 letters."""
+  del workdir
+  d, tok = config.data, _CharTokenizer()
+  rng = np.random.default_rng(0)
+  words = {s: [[1, *rng.integers(3, 11, size=int(rng.integers(2, d.length - 1))), 2]
+               for _ in range(n)] for s, n in (("train", 40), ("val", 12))}
+  docs = {s: _Docs(w) for s, w in words.items()}
+  padded = {s: batching.pad_sequences(w, pad_id=0, length=d.length, pad_side="right")
+            for s, w in words.items()}
+
+  def train_batch(step, rows=None):
+    idx = pipeline.batch_indices(len(words["train"]), d.batch_size, step, config.seed)
+    return batching.batch_from_ids(padded["train"][idx[slice(*(rows or (None, None)))]], pad_id=0)
+
+  def eval_sets():
+    out = {}
+    for s, ids in padded.items():
+      rows = np.zeros((-(-len(ids) // d.eval_batch_size) * d.eval_batch_size, d.length), np.int64)
+      rows[:len(ids)] = ids
+      out[s] = [batching.batch_from_ids(rows[i:i + d.eval_batch_size], pad_id=0)
+                for i in range(0, len(rows), d.eval_batch_size)]
+    return out
+  return DataSource(name="fake", vocab_size=tok.vocab_size, pad_id=0, train_batch=train_batch,
+                    eval_sets=eval_sets, tokenizer=tok, identity={"kind": "fake"},
+                    documents=docs.__getitem__, keys_are_prefix=True, train_eval_whole=True)
+
+
+def test_a_corpus_with_only_the_contract_trains_and_evaluates(tmp_path, monkeypatch, tiny):
+  monkeypatch.setitem(registry._SOURCES, "fake", _fake_source)
+  monkeypatch.setattr(config_lib, "CORPORA", config_lib.CORPORA + ("fake",))
+  tiny.data.corpus = "fake"
+  tiny.train.steps, tiny.train.eval_every = 4, 2
+  tiny.eval.prompt_tokens = 3  # the words are short
+  workdir = str(tmp_path / "fake")
+  results = train.train_and_evaluate(tiny, workdir)
+  data = _fake_source(tiny)
+  train_docs = data.documents("train")
+  floor = floor_lib.entropy_floor([train_docs.doc(i)[0] for i in range(len(train_docs))])
+  assert results["entropy_floor"] == floor and results["floor_alarm"] is False
+  out = evaluation.evaluate_checkpoint(workdir, extras=True)
+  assert out["corpus"] == "fake" and out["val_loss"] == results["val_loss"]
+  assert out["extras"] == {"entropy_floor": floor}
+  assert "entropy floor (train)" in evaluation.format_report(out)
+  # The text extras read documents through the contract only.
+  config, data, state, _ = workdir_lib.restore_state(workdir)
+  ex = eval_text.checkpoint_extras(config, state, data)
+  assert sum(m["num_docs"] for m in ex["val_by_doc_length"].values()) == 12
+  assert ex["continuations"] and all(set(c["opening"]) <= set("abcdefgh")
+                                     for c in ex["continuations"])

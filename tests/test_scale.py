@@ -9,7 +9,6 @@ from flax import nnx
 
 from lmmask import config as config_lib
 from lmmask import losses, masks, parallel
-from lmmask import step as step_lib
 from lmmask.batching import batch_from_ids, pad_sequences
 from lmmask.data import packing, text
 from lmmask.model import Decoder, DecoderConfig
@@ -80,7 +79,8 @@ def test_token_weights_all_zero_mask_is_zero():
 # Gradient accumulation (1 device): skewed micro-batches equal one batch.
 
 def _model(**kw):
-  cfg = DecoderConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16, **kw)
+  cfg = DecoderConfig(vocab_size=V, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16,
+                      **{"attention": "einsum", **kw})
   return Decoder(cfg, rngs=nnx.Rngs(params=jax.random.PRNGKey(1)))
 
 
@@ -254,6 +254,19 @@ def _key_masks(rng, b=5, t=9, side="right"):
   return km
 
 
+def structure_to_mask(structure, t: int) -> np.ndarray:
+  """The dense bool (B, 1, T, T) mask an AttentionStructure stands for, in numpy."""
+  mask = np.ones((1, 1, t, t), bool)
+  if structure.is_causal:
+    mask = mask & np.tril(np.ones((t, t), bool))
+  if structure.key_value_seq_lengths is not None:
+    lengths = np.asarray(structure.key_value_seq_lengths)
+    mask = mask & (np.arange(t)[None, :] < lengths[:, None])[:, None, None, :]
+  if structure.mask is not None:
+    mask = mask & np.asarray(structure.mask)
+  return mask
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_structure_equals_boolean_mask(causal):
   rng = np.random.default_rng(5)
@@ -261,18 +274,18 @@ def test_attention_structure_equals_boolean_mask(causal):
   dense = np.asarray(masks.attention_mask(km, causal=causal))
   for prefix in (True, False):
     st = masks.attention_structure(km, causal=causal, keys_are_prefix=prefix)
-    np.testing.assert_array_equal(np.asarray(masks.structure_to_mask(st, 9)), dense)
+    np.testing.assert_array_equal(np.asarray(structure_to_mask(st, 9)), dense)
   seg = np.where(km, 1 + (np.arange(9)[None] >= 4), 0)
   dense_seg = np.asarray(masks.attention_mask(km, segment_ids=seg, causal=causal))
   st = masks.attention_structure(km, segment_ids=seg, causal=causal)
-  np.testing.assert_array_equal(np.asarray(masks.structure_to_mask(st, 9)), dense_seg)
+  np.testing.assert_array_equal(np.asarray(structure_to_mask(st, 9)), dense_seg)
   for s, d in ((None, dense), (seg, dense_seg)):
     np.testing.assert_array_equal(np.asarray(masks.rows_with_key(km, segment_ids=s, causal=causal)),
                                   d.any(-1, keepdims=True).astype(np.float32))
   # Planted bug: left-padded keys sent as lengths (the promise broken) is wrong.
   kl = _key_masks(rng, side="left")
   bad = masks.attention_structure(kl, causal=causal, keys_are_prefix=True)
-  assert (np.asarray(masks.structure_to_mask(bad, 9)) !=
+  assert (np.asarray(structure_to_mask(bad, 9)) !=
           np.asarray(masks.attention_mask(kl, causal=causal))).any()
 
 
@@ -331,7 +344,7 @@ def test_remat_and_scan_equal_plain_in_value_and_gradient():
 
 def test_decoder_config_rejects_unknown_attention():
   with pytest.raises(ValueError, match="attention must be one of"):
-    DecoderConfig(vocab_size=5, attention="flash")
+    DecoderConfig(vocab_size=5, dropout=0.0, attention="flash")
 
 
 # ---------------------------------------------------------------------------
@@ -368,8 +381,8 @@ def test_distributed_config_errors():
   assert parallel.initialize_distributed(ConfigDict({"mode": "off"})) is False
   with pytest.raises(ValueError, match="off | auto | manual"):
     parallel.initialize_distributed(ConfigDict({"mode": "slurm"}))
-  c = ConfigDict({"mode": "manual", "coordinator_address": None, "num_processes": 2,
-                  "process_id": 0}, convert_dict=True)
+  c = config_lib.defaults().distributed
+  c.mode, c.num_processes, c.process_id = "manual", 2, 0
   with pytest.raises(ValueError, match="coordinator_address"):
     parallel.initialize_distributed(c)
 
@@ -456,19 +469,49 @@ def test_z_loss_inside_accumulated_objective():
              for a, c in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g0))) > 1e-4
 
 
-def test_packing_and_prefix_flags_per_corpus():
+def test_packing_flag_per_corpus():
+  # keys_are_prefix is each corpus's own promise: tests/test_registry.py checks it.
   from conftest import tiny_config
 
   c = tiny_config()
-  assert step_lib.keys_are_prefix(c)
   c.data.packing = True
-  assert not step_lib.keys_are_prefix(c)
   config_lib.validate(c)  # verbs packing is fine
   c.data.corpus = "text"
   config_lib.validate(c)  # and so is text's: one knob for both row policies
   c.data.corpus = "shards"
   with pytest.raises(ValueError, match="data.packing"):
     config_lib.validate(c)  # one whole document per row
-  c.data.corpus = "text"
-  c.data.packing = False
-  assert not step_lib.keys_are_prefix(c)  # only unpacked verbs/shards rows qualify
+
+
+def _chunked_fn(graphdef, chunk):
+  """The LM head applied inside the loss, `chunk` positions at a time (loss.logits_chunk)."""
+  def f(p, mb, rng):
+    model = nnx.merge(graphdef, p)
+    hidden = model(mb.inputs, key_mask=mb.key_mask, positions=mb.positions,
+                   segment_ids=mb.segment_ids, apply_head=False)
+    return losses.ChunkedLogits(hidden, model.logits, chunk)
+  return f
+
+
+@pytest.mark.parametrize("reduction,steps", [("token_mean", 1), ("seq_mean_of_means", 2)])
+def test_chunked_logits_give_the_one_pass_loss_gradients_and_metrics(reduction, steps):
+  """Chunks of 5 over 11 positions (the last one padded), a row with no target, z-loss on."""
+  batch = batch_from_ids(_skewed_ids(np.random.default_rng(2)), pad_id=PAD)
+  gd, params = nnx.split(_model(), nnx.Param)
+  run = jax.jit(lambda p, b, fn: losses.loss_and_grads(fn, p, b, reduction=reduction,
+                                                       steps=steps, z_loss=1e-3),
+                static_argnums=2)
+  loss1, g1, m1 = run(params, batch, _logits_fn(gd))
+  loss5, g5, m5 = run(params, batch, _chunked_fn(gd, 5))
+  np.testing.assert_allclose(loss5, loss1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g5)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  assert sorted(m5) == sorted(m1)
+  for k in m1:
+    np.testing.assert_allclose(m5[k], m1[k], rtol=1e-6, err_msg=k)
+  # Planted bug: a mean of per-chunk token means is not the token mean; the
+  # tolerance above would catch it.
+  logits = _logits_fn(gd)(params, batch, None)
+  per_chunk = [losses.masked_cross_entropy(logits[:, c:c + 5], batch.targets[:, c:c + 5],
+                                           batch.loss_mask[:, c:c + 5])[0] for c in (0, 5, 10)]
+  assert abs(float(np.mean(per_chunk)) - float(m1["loss"])) > 1e-3 * float(m1["loss"])

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from ml_collections import config_dict
 
@@ -188,8 +189,18 @@ def test_half_finished_sweep_resumes_and_aggregates(tmp_path):
     sweep.run(s, wd, train_fn=lambda c, w: pytest.fail("must not run"), log=lambda *_: None)
 
 
+# What a vmapped run's results.json adds to a normal run's.
+SEEDVMAP_KEYS = {"runner", "diverged", "seed"}
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
 def test_seedvmap_runner_matches_train_and_evaluate(tmp_path):
-  """Seeds and lrs trained together under vmap give the normal runs' results."""
+  """Seeds and lrs trained together under vmap give the normal runs' results: the
+  same keys (floor alarm, corpus extras, ...) and the same losses."""
   from lmmask import train
   s = make_sweep(points=[{"optim.lr": 1e-3, "seed": 0}, {"optim.lr": 1e-2, "seed": 1}],
                  steps=4)
@@ -202,11 +213,55 @@ def test_seedvmap_runner_matches_train_and_evaluate(tmp_path):
     assert r["runner"] == "seedvmap x2" and r["status"] == "done"
     for key in ("train_loss", "val_loss", "val_english_loss"):
       assert r[key] == pytest.approx(ref[r["point"]][key], rel=2e-5, abs=2e-5)
+    got, want = _results(tmp_path / "vm" / r["point"]), _results(tmp_path / r["point"])
+    assert set(got) == set(want) | SEEDVMAP_KEYS and not SEEDVMAP_KEYS & set(want)
+    with open(tmp_path / "vm" / r["point"] / "config.json") as f:
+      assert (got["diverged"], got["seed"], got["step"]) == (False, json.load(f)["seed"], 4)
+    losses = [k for k in want if k.endswith("_loss") or k == "floor_min_margin"]
+    assert len(losses) >= 6 and got["floor_alarm"] is False
+    for key in losses:
+      assert got[key] == pytest.approx(want[key], rel=2e-5), key
+    assert os.listdir(tmp_path / "vm" / r["point"] / "tb")  # TensorBoard, as a normal run
   # the two lrs really differ (a runner ignoring lr would make them equal)
   assert abs(rows[0]["train_loss"] - rows[1]["train_loss"]) > 1e-3
   lrs = [json.loads(line)["lr"] for line in open(tmp_path / "vm" / rows[1]["point"] /
                                                  "metrics.jsonl") if '"train"' in line]
   assert max(lrs) == pytest.approx(1e-2, rel=1e-6)
+
+
+def _poison_step(monkeypatch, poisoned: int):
+  """Training batch `poisoned` (0-based) of every run gets an inf in its loss mask."""
+  from lmmask.data import pipeline
+  real = pipeline.train_batch
+
+  def batch_fn(split, *, step, **kw):
+    b = real(split, step=step, **kw)
+    if step != poisoned:
+      return b
+    mask = np.array(b.loss_mask, np.float32)
+    mask[0, 0] = np.inf
+    return b.replace(loss_mask=mask)
+  monkeypatch.setattr(pipeline, "train_batch", batch_fn)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_seedvmap_follows_the_nonfinite_policy(tmp_path, monkeypatch, policy):
+  from lmmask import seedvmap
+  _poison_step(monkeypatch, 2)  # optimizer step 3 of both runs
+  s = make_sweep(points=[{"seed": 0}, {"seed": 1}], steps=4)
+  s.fixed.train.nonfinite = policy
+  configs = [sweep.point_config(s, p) for p in sweep.expand(s)]
+  wds = [str(tmp_path / f"s{i}") for i in range(2)]
+  out = seedvmap.train_seed_group(configs, wds, log=lambda *_: None)
+  for res, w in zip(out, wds):
+    assert json.dumps(res, sort_keys=True) == json.dumps(_results(w), sort_keys=True)  # NaN too
+    steps = [json.loads(line)["step"] for line in open(os.path.join(w, "metrics.jsonl"))]
+    if policy == "stop":  # each run stops at step 3 and the group with them: step 3, not 4
+      assert res["diverged"] is True and res["step"] == 3 and max(steps) == 2
+      assert np.isnan(res["val_loss"])
+    else:
+      assert res["diverged"] is False and res["step"] == 4 and res["nonfinite_skips"] == 1
+      assert np.isfinite(res["val_loss"]) and max(steps) == 4
 
 
 @pytest.mark.slow

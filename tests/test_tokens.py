@@ -142,7 +142,8 @@ def test_exact_match_compares_decoded_strings(tokens, monkeypatch):
       toks[i, :len(a)] = a
     return types.SimpleNamespace(tokens=toks)
   monkeypatch.setattr(eval_verbs.decode, "generate", fake_generate)
-  em = eval_verbs.exact_match(None, corpus, max_new_tokens=width, num_examples=4)
+  em = eval_verbs.exact_match(None, corpus, direction="es_en", max_new_tokens=width,
+                              num_examples=4)
   by = em["exact_match_by_tense"]
   assert by["future"] == 0.0 and by["going_to"] == by["progressive"] == 1.0
   assert by["past"] == 0.5  # the two regular verbs right, the two irregular ones not

@@ -21,7 +21,8 @@ def small_state(config=None, vocab_size=None):
   config = config or tiny_config()
   corpus = verbs.build_corpus(config.data.split)
   return step_lib.create_train_state(config, jax.random.PRNGKey(0),
-                                  vocab_size=vocab_size or len(corpus.vocab)), corpus
+                                  vocab_size=vocab_size or len(corpus.vocab),
+                                  keys_are_prefix=True), corpus
 
 
 def fixed_batch(corpus, n=16):

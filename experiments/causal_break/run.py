@@ -111,8 +111,7 @@ def val_loss_by_seen_target(state, corpus, val_split, batch_size):
 
 def evaluate_run(name, workdir, config):
   config_, data, state, step = workdir_lib.restore_state(workdir)
-  corpus = data.info
-  _, train_split, val_split = verbs_source.splits(config)
+  corpus, train_split, val_split = verbs_source.splits(config)
   pad, bs = corpus.vocab.pad_id, config.data.eval_batch_size
   out = {"step": step}
   sets = data.eval_sets()
@@ -124,14 +123,16 @@ def evaluate_run(name, workdir, config):
                 f"{split_name}_inference_ppl": inf["ppl"],
                 f"{split_name}_inference_accuracy": inf["accuracy"]})
   out["val_by_seen_target"] = val_loss_by_seen_target(state, corpus, val_split, bs)
-  greedy = eval_verbs.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
+  greedy = eval_verbs.exact_match(state, corpus, direction=config.eval.direction,
+                                  max_new_tokens=config.eval.max_new_tokens,
                                   num_examples=12)
   out["greedy"] = {k: v for k, v in greedy.items() if k != "rows"}
   out["greedy_collapse"] = collapse_stats(greedy["rows"], corpus.vocab)
   sampled = []
   for s in SAMPLE_SEEDS:
-    em = eval_verbs.exact_match(state, corpus, max_new_tokens=config.eval.max_new_tokens,
-                                num_examples=6, temperature=SAMPLE_TEMPERATURE,
+    em = eval_verbs.exact_match(state, corpus, direction=config.eval.direction,
+                                max_new_tokens=config.eval.max_new_tokens, num_examples=6,
+                                temperature=SAMPLE_TEMPERATURE,
                                 rng=jax.random.PRNGKey(s))
     sampled.append(em)
   out["sampled_exact_match"] = float(np.mean([e["exact_match"] for e in sampled]))
@@ -140,7 +141,8 @@ def evaluate_run(name, workdir, config):
   # the best-by-val-loss checkpoint (kept by train.py), for comparison with the final one
   _, _, best, best_step = workdir_lib.restore_state(workdir, "best")
   bev = step_lib.evaluate(best, sets["val"])
-  bem = eval_verbs.exact_match(best, corpus, max_new_tokens=config.eval.max_new_tokens,
+  bem = eval_verbs.exact_match(best, corpus, direction=config.eval.direction,
+                               max_new_tokens=config.eval.max_new_tokens,
                                num_examples=0)
   out["best"] = {"step": best_step, "val_loss": bev["loss"], "val_ppl": bev["ppl"],
                  "exact_match": bem["exact_match"],

@@ -37,8 +37,10 @@ def restore_state(point_dir):
   config = ConfigDict(workdir_lib.load_config(point_dir))
   corpus, _, _ = verbs_source.splits(config)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                   vocab_size=len(corpus.vocab))
-  mngr = ckpt.manager(point_dir, ckpt.CKPT_DIR, config.train.keep_checkpoints, create=False)
+                                   vocab_size=len(corpus.vocab),
+                                   keys_are_prefix=config.data.pad_side == "right" and not config.data.packing)
+  mngr = ckpt.manager(point_dir, ckpt.CKPT_DIR, config.train.keep_checkpoints, create=False,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   _, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
   mngr.close()
   return config, corpus, state.replace_from_tree(tree)

@@ -54,8 +54,9 @@ def train_all():
   configs = [make_config(s) for _, s in runs]
   parallel.setup_jax_cache(configs[0].train.jax_cache_dir)
   corpus, tr, _ = verbs_source.splits(configs[0])
-  states = [step_lib.create_train_state(c, jax.random.PRNGKey(c.seed),
-                                     vocab_size=len(corpus.vocab)) for c in configs]
+  states = [step_lib.create_train_state(
+      c, jax.random.PRNGKey(c.seed), vocab_size=len(corpus.vocab),
+      keys_are_prefix=c.data.pad_side == "right" and not c.data.packing) for c in configs]
   s0 = states[0]
   states = [s.replace(graphdef=s0.graphdef, tx=s0.tx, schedule=s0.schedule) for s in states]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)

@@ -113,7 +113,8 @@ def grad_norm_ratios(n_batches=8):
   """Gradient global norm of each reduction / that of token_mean, same params and batch."""
   base = config_lib.apply_overrides(sweep.load_config_file("configs/verbs.py:tiny"), {})
   corpus, tr, _ = verbs_source.splits(base)
-  state = step_lib.create_train_state(base, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab))
+  state = step_lib.create_train_state(base, jax.random.PRNGKey(0), vocab_size=len(corpus.vocab),
+                                      keys_are_prefix=True)
 
   def gnorm(params, batch, reduction):
     def f(p):

@@ -44,22 +44,24 @@ def restore_best(workdir):
   config = ConfigDict(workdir_lib.load_config(workdir))
   data = registry.load(config, workdir)
   state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                   vocab_size=data.vocab_size)
-  mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1, create=False)
+                                   vocab_size=data.vocab_size,
+                                   keys_are_prefix=data.keys_are_prefix)
+  mngr = ckpt.manager(workdir, ckpt.BEST_DIR, 1, create=False,
+                      barrier_timeout_s=config.distributed.barrier_timeout_s)
   step, tree, _ = ckpt.restore(mngr, None, state.checkpoint_tree())
   mngr.close()
   return config, data, state.replace_from_tree(tree), step
 
 
 def bigram_baseline(data):
-  tok = data.info["tokenizer"]
-  v = tok.vocab_size
+  v = data.tokenizer.vocab_size
+  sets = data.eval_sets()  # every window once (data.max_eval_batches=0)
   counts = np.zeros((v, v))
-  for b in data.info["train"].eval_batches(64):
+  for b in sets["train"]:
     m = b.loss_mask > 0
     np.add.at(counts, (b.inputs[m], b.targets[m]), 1)
   val_pairs = [(b.inputs[b.loss_mask > 0], b.targets[b.loss_mask > 0])
-               for b in data.info["val"].eval_batches(64)]
+               for b in sets["val"]]
   best = None
   for k in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
     probs = (counts + k) / (counts.sum(1, keepdims=True) + k * v)
@@ -115,7 +117,7 @@ def main(workdirs, max_new=48):
       k, nll = bigram_baseline(data)
       print(f"   bigram baseline (add-{k}): val loss {nll:.4f} (PPL {math.exp(nll):.2f})")
       baseline_done = True
-    tok = data.info["tokenizer"]
+    tok = data.tokenizer
     for p in PROMPTS:
       print(f"   greedy  {sample(state, tok, p, max_new=max_new)!r}")
     for seed in (0, 1):

@@ -26,7 +26,7 @@ import common
 
 from lmmask import config as config_lib
 from lmmask import seedvmap
-from lmmask.data import verbs
+from lmmask.data import verbs, verbs_source
 from lmmask.eval import ngram
 from lmmask.eval import verbs as eval_verbs
 
@@ -51,14 +51,16 @@ def get_config(arg):
 
 def final_extras(config, state, data):
   """Generation-based metrics of one run's final state (keys merged into results)."""
-  em = eval_verbs.exact_match(state, data.info, direction="es_en",
+  corpus = verbs_source.corpus(config)
+  em = eval_verbs.exact_match(state, corpus, direction="es_en",
                               max_new_tokens=config.eval.max_new_tokens, num_examples=0)
   out = {f"val_{k}": em[k] for k in ("exact_match", "exact_match_regular",
                                      "exact_match_irregular", "exact_match_by_tense",
                                      "frame_match", "over_regularised", "over_regularisable")}
-  train_forms = [e for e in data.info.train if e.kind == "form"][::4]
+  train_forms = [e for e in corpus.train if e.kind == "form"][::4]
   out["train_exact_match"] = eval_verbs.exact_match(
-      state, data.info, examples=train_forms, max_new_tokens=config.eval.max_new_tokens,
+      state, corpus, examples=train_forms, direction="es_en",
+      max_new_tokens=config.eval.max_new_tokens,
       num_examples=0)["exact_match"]
   out["rows"] = [{k: r[k] for k in ("prompt", "reference", "completion", "correct", "regular",
                                     "verb", "tense", "person", "over_regularised",

@@ -59,4 +59,5 @@ def source(config, workdir: str | None = None) -> DataSource:
   identity = {"kind": "pretrained", "tokenizer_sha256": tokenizer_sha256(workdir),
               "vocab_size": vocab, "pad_id": pad_id}
   return DataSource(name="pretrained", vocab_size=vocab, pad_id=pad_id, train_batch=refuse,
-                    eval_sets=refuse, tokenizer=tok, identity=identity, info={})
+                    eval_sets=refuse, tokenizer=tok, identity=identity, documents=refuse,
+                    keys_are_prefix=False, train_eval_whole=False)

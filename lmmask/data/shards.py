@@ -46,7 +46,7 @@ import numpy as np
 
 from lmmask.batching import Batch, batch_from_ids
 from lmmask.data import hf_tokenizer, pipeline, tokenizer
-from lmmask.data.source import DataSource
+from lmmask.data.source import SPLITS, DataSource
 from lmmask.data.tokenizer import TOKENIZER_FILE, sha256_file
 
 FORMAT_VERSION = 1
@@ -412,18 +412,6 @@ class ShardLoader:
     rows=(lo, hi) builds only those rows of it."""
     return self.rows(self.doc_ids(step)[slice(*(rows or (None, None)))])
 
-  def position(self, step: int) -> dict:
-    """Where step ``step`` reads: epoch and offset into that epoch's shuffle."""
-    epoch, offset = divmod(step * self.batch_size, len(self.split))
-    return {"step": int(step), "epoch": int(epoch), "offset": int(offset)}
-
-  def iterate(self, start_step: int = 0):
-    """Endless batches from ``start_step`` on (a resumed run passes its restored step)."""
-    step = start_step
-    while True:
-      yield self.batch(step)
-      step += 1
-
   def eval_batches(self, batch_size: int, max_docs: int | None = None):
     """Fixed-shape batches covering the first ``max_docs`` documents once; the last
     one is filled with pad rows, which count nothing."""
@@ -467,8 +455,13 @@ def source(config, workdir: str | None = None) -> DataSource:
               "tokenizer_sha256": meta.get("tokenizer_sha256"),
               "vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"],
               "train_mask_density": train.density}
-  info = dict(identity, meta=meta, train=train, val=val,
-              train_loader=train_loader, val_loader=val_loader)
+  splits = {"train": train, "val": val}
+
+  def documents(split: str) -> ShardSplit:
+    if split not in splits:
+      raise ValueError(f"split {split!r}: a shards corpus has {', '.join(SPLITS)} (data.train_split "
+                       f"and data.val_split name their directories)")
+    return splits[split]
   tok = None  # a dataset written without a tokenizer (tests) has no text side
   if meta.get("hf_tokenizer"):  # a pretrained model's (data/chat_jsonl.py), with its pad
     tok = hf_tokenizer.load_tokenizer_dir(d.path, pad_token=meta["pad_token"])
@@ -478,4 +471,9 @@ def source(config, workdir: str | None = None) -> DataSource:
     tok = load(os.path.join(d.path, meta["tokenizer"]))
   return DataSource(name="shards", vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
                     train_batch=train_loader.batch, eval_sets=eval_sets, tokenizer=tok,
-                    identity=identity, info=info)
+                    identity=identity, documents=documents,
+                    # every row is one document from its first token, right-padded
+                    # (config.validate refuses data.packing for this corpus)
+                    keys_are_prefix=d.pad_side == "right",
+                    # eval sets stop at data.max_eval_docs and may count masked targets only
+                    train_eval_whole=False)

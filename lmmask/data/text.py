@@ -28,7 +28,7 @@ import numpy as np
 from lmmask import batching
 from lmmask.data import corpus, pipeline, shards
 from lmmask.data import packing as packing_lib
-from lmmask.data.source import DataSource
+from lmmask.data.source import SPLITS, DataSource
 
 DATA_DIR = corpus.DATA_DIR  # <workdir>/data: the run's token shards
 
@@ -98,10 +98,6 @@ class TextSplit:
     """The window indices of row `r`."""
     return range(int(self.starts[r]), int(self.starts[r + 1]))
 
-  @property
-  def num_targets(self) -> int:
-    return int((self.windows[:, 2] - 1).sum())
-
   def window(self, w: int):
     """(tokens, mask) of window `w`; the mask is all ones where the shards have none."""
     toks, mask = self.shards.doc(*(int(v) for v in self.windows[w]))
@@ -170,10 +166,17 @@ def source(config, workdir: str | None) -> DataSource:
     bs, mx = d.eval_batch_size, d.max_eval_batches
     return {"train": train.eval_batches(bs, mx), "val": val.eval_batches(bs, mx)}
 
+  def documents(split: str) -> shards.ShardSplit:
+    if split not in splits:
+      raise ValueError(f"split {split!r}: a text corpus has {', '.join(SPLITS)}")
+    return splits[split]
+
   identity = {"kind": "text", "tokenizer_sha256": tok.sha256,
               "data_path": os.path.abspath(os.path.expanduser(d.path)),
               "vocab_size": tok.vocab_size, "pad_id": tok.pad_id}
-  info = {"tokenizer": tok, "train": train, "val": val}
+  # Rows are windows, and the "train" eval set scores windows (a window after a
+  # document's first sees only its own part of it), so the entropy floor bounds nothing.
   return DataSource(name="text", vocab_size=tok.vocab_size, pad_id=tok.pad_id,
                     train_batch=train_batch, eval_sets=eval_sets, tokenizer=tok,
-                    identity=identity, info=info)
+                    identity=identity, documents=documents, keys_are_prefix=False,
+                    train_eval_whole=False)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from lmmask.data import packing, pipeline, verbs
-from lmmask.data.source import DataSource
+from lmmask.data.source import SPLITS, DataSource
 
 
 class VocabTokenizer:
@@ -42,17 +44,38 @@ class VocabTokenizer:
     return self.vocab.decode(ids, strip_special=skip_special)
 
 
-def splits(config):
-  """(VerbCorpus, train Split, val Split), padded to data.length on data.pad_side."""
+class ExampleDocuments:
+  """The examples of a verbs split as `source.Documents` (every token may be a target)."""
+
+  def __init__(self, examples):
+    self.examples = tuple(examples)
+
+  def __len__(self):
+    return len(self.examples)
+
+  def doc_lengths(self) -> np.ndarray:
+    return np.asarray([len(e.ids) for e in self.examples], np.int64)
+
+  def doc(self, i: int):
+    return np.asarray(self.examples[i].ids, np.int64), None
+
+
+def corpus(config) -> verbs.VerbCorpus:
+  """The VerbCorpus of `config` (forms, vocabulary, held-out split): what the verbs
+  evaluator (eval/verbs.py) scores beyond the DataSource contract."""
   d = config.data
   if d.split not in verbs.SPLIT_POLICIES and "random" not in str(d.split):
     raise ValueError(f"config.data.split: unknown split {d.split!r}; valid: "
                      f"{', '.join(verbs.SPLIT_POLICIES)}")
-  # .get: a config dict saved before data.tokens existed meant word tokens
-  corpus = verbs.build_corpus(d.split, include_lexicon=d.include_lexicon,
-                              tokens=d.get("tokens", "word"))
-  kw = dict(length=d.length, pad_id=corpus.vocab.pad_id, pad_side=d.pad_side)
-  return corpus, pipeline.pad_split(corpus.train, **kw), pipeline.pad_split(corpus.val, **kw)
+  return verbs.build_corpus(d.split, include_lexicon=d.include_lexicon, tokens=d.tokens)
+
+
+def splits(config):
+  """(VerbCorpus, train Split, val Split), padded to data.length on data.pad_side."""
+  d = config.data
+  c = corpus(config)
+  kw = dict(length=d.length, pad_id=c.vocab.pad_id, pad_side=d.pad_side)
+  return c, pipeline.pad_split(c.train, **kw), pipeline.pad_split(c.val, **kw)
 
 
 def train_batch(config, train_split, step: int, pad_id: int, rows=None):
@@ -85,16 +108,25 @@ def eval_sets(config, train_split, val_split, pad_id: int) -> dict:
 def source(config, workdir: str | None = None) -> DataSource:
   """The verbs DataSource (embedded data: `workdir` is unused)."""
   del workdir
-  corpus, train_split, val_split = splits(config)
-  pad_id = corpus.vocab.pad_id
+  c, train_split, val_split = splits(config)
+  pad_id = c.vocab.pad_id
   # Exactly what model.json has always recorded for this corpus; character tokens
   # say so, so a word-token base run is never fine-tuned with character ids.
-  identity = {"kind": type(corpus).__name__, "tokenizer_sha256": None}
-  tokens = config.data.get("tokens", "word")
-  if tokens != "word":
-    identity["tokens"] = tokens
+  identity = {"kind": type(c).__name__, "tokenizer_sha256": None}
+  if config.data.tokens != "word":
+    identity["tokens"] = config.data.tokens
+  docs = {"train": ExampleDocuments(c.train), "val": ExampleDocuments(c.val)}
+
+  def documents(split: str) -> ExampleDocuments:
+    if split not in docs:
+      raise ValueError(f"split {split!r}: the verbs corpus has {', '.join(SPLITS)}")
+    return docs[split]
+  d = config.data
   return DataSource(
-      name="verbs", vocab_size=len(corpus.vocab), pad_id=pad_id,
+      name="verbs", vocab_size=len(c.vocab), pad_id=pad_id,
       train_batch=lambda step, rows=None: train_batch(config, train_split, step, pad_id, rows),
       eval_sets=lambda: eval_sets(config, train_split, val_split, pad_id),
-      tokenizer=VocabTokenizer(corpus.vocab), identity=identity, info=corpus)
+      tokenizer=VocabTokenizer(c.vocab), identity=identity, documents=documents,
+      # Unpacked rows are one example each, padded after it on the right.
+      keys_are_prefix=d.pad_side == "right" and not d.packing,
+      train_eval_whole=True)  # the "train" eval set pads every example, whole, once

@@ -11,7 +11,9 @@ Two perturbation probes on real batches, run exactly as training runs the model
 Both are run on right- and left-padded copies of the batches. Any change above
 `tolerance` is a leak. The attention maps are checked too: per layer and head, the
 mean attention mass (over real queries) above the diagonal and on pad keys, drawn
-as PNG heat maps for a few examples.
+as PNG heat maps for a few examples. The probes run the configured attention path;
+fused paths (xla, cudnn, splash, triton) form no probabilities, so the maps come from
+the einsum path on the same weights, and the report says so.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lmmask import checkpoint as ckpt
 from lmmask import config as config_lib
 from lmmask import step as step_lib
 from lmmask import workdir as wd
 from lmmask.data import registry
+from lmmask.model import Decoder
 
 
 def future_region(length: int, t):
@@ -108,8 +112,25 @@ def _attention_jit(state, params, batch):
   return _forward(state, params, batch, return_attention=True)[1]
 
 
+@functools.lru_cache(maxsize=8)
+def _einsum_graphdef(cfg):
+  """The graphdef of the decoder `cfg` on the einsum path (the same parameters)."""
+  abstract = nnx.eval_shape(lambda: Decoder(dataclasses.replace(cfg, attention="einsum"),
+                                            rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)[0]
+
+
+def attention_path(state) -> str:
+  """The configured attention path of `state`'s model (model.attention, resolved)."""
+  return nnx.merge(state.graphdef, state.params).cfg.attention
+
+
 def _attention(state, batch):
-  return _attention_jit(_static(state), state.params, batch)
+  spec = _static(state)
+  cfg = nnx.merge(state.graphdef, state.params).cfg
+  if cfg.attention != "einsum":  # a fused path has no probabilities: einsum, same weights
+    spec = spec._replace(graphdef=_einsum_graphdef(cfg))
+  return _attention_jit(spec, state.params, batch)
 
 
 def attention_stats(state, batches) -> dict:
@@ -204,7 +225,9 @@ def run_audit(state, config, data, *, outdir: str | None = None) -> dict:
   tol = float(config.eval.audit_tolerance)
   batches = audit_batches(config, data)
   kw = dict(vocab_size=data.vocab_size, pad_id=data.pad_id)
+  path = attention_path(state)
   res = {"causal": bool(state.causal), "tolerance": tol, "num_batches": len(batches),
+         "attention": path, "attention_maps_from": "einsum",
          "future_max_logit_change": future_probe(state, batches, **kw),
          "pad_max_logit_change": pad_probe(state, batches, **kw)}
   stats = attention_stats(state, batches)
@@ -228,6 +251,10 @@ def run_audit(state, config, data, *, outdir: str | None = None) -> dict:
 def format_audit(res: dict) -> str:
   lines = [f"audit (causal={res['causal']}, {res['num_batches']} batches, tolerance "
            f"{res['tolerance']:g}):"]
+  if res.get("attention", "einsum") != "einsum":
+    lines.append(f"  probes ran model.attention={res['attention']}; it forms no attention "
+                 f"probabilities, so the attention maps below come from the einsum path on "
+                 f"the same weights")
   names = {"future_probe": ("future-perturbation max |dlogit|", "future_max_logit_change"),
            "pad_probe": ("pad-perturbation max |dlogit|", "pad_max_logit_change"),
            "attention_above_diagonal": ("attention mass above diagonal", "max_mass_above_diagonal"),
@@ -256,7 +283,8 @@ def audit_workdir(workdir: str, config=None, step=None, which: str = "latest"):
     config_lib.validate(config)
     data = registry.load(config, workdir)
     state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                        vocab_size=data.vocab_size)
+                                        vocab_size=data.vocab_size,
+                                        keys_are_prefix=data.keys_are_prefix)
     source = "fresh (untrained) model from --config"
   else:
     raise FileNotFoundError(f"no checkpoints in {workdir} and no --config given: nothing to "

@@ -168,9 +168,11 @@ def evaluate_turns(state, docs, tok, *, max_new: int, max_len: int, batch_size: 
 
 
 def _val_docs(config, data):
-  val = data.info["val"]
+  val = data.documents("val")
   n = len(val) if not config.data.max_eval_docs else min(config.data.max_eval_docs, len(val))
-  return [val.doc(i) if val.masks is not None else val.doc(i)[0] for i in range(n)]
+  docs = [val.doc(i) for i in range(n)]
+  # (ids, mask) where the dataset has masks: a pretrained template's turns are the mask's
+  return [ids if mask is None else (ids, mask) for ids, mask in docs]
 
 
 def _turns(config, state, data, num_examples):

@@ -17,14 +17,17 @@ from lmmask.eval import floor as floor_lib
 from lmmask.eval import text as eval_text
 from lmmask.eval import verbs as eval_verbs
 
+# Each module has checkpoint_extras (--mode=eval) and format_extras (their text).
 EXTRAS = {"verbs": eval_verbs, "text": eval_text, "shards": eval_chat}
+# End-of-run keys of results.json beyond the eval sets' (text adds none: its extras
+# generate text, worth the time only when asked for).
+RESULTS_EXTRAS = {"verbs": eval_verbs.results_extras, "shards": eval_chat.results_extras}
 
 
 def _extras(data):
-  if data.name not in EXTRAS:
-    raise ValueError(f"corpus {data.name!r} has no evaluation module; known: "
-                     f"{', '.join(EXTRAS)}")
-  return EXTRAS[data.name]
+  """The corpus's own evaluation module, or None: a corpus with none gets the
+  teacher-forced numbers and the entropy floor, from the DataSource contract alone."""
+  return EXTRAS.get(data.name)
 
 
 def host_state(state):
@@ -40,16 +43,14 @@ def results_extras(config, state, data, floor_monitor, results) -> dict:
   """Extra keys for results.json: floor alarm and the corpus's own end-of-run extras."""
   floor_monitor.final_check(results["step"], results)  # covers a resume with no new steps
   out = dict(floor_monitor.results())
-  out.update(_extras(data).results_extras(config, host_state(state), data))
+  if data.name in RESULTS_EXTRAS:
+    out.update(RESULTS_EXTRAS[data.name](config, host_state(state), data))
   return out
 
 
 def entropy_floor(config, data) -> dict:
   """The floor of the training documents where affordable, else why not."""
-  train = data.info.get("train") if isinstance(data.info, dict) else None
-  train = getattr(train, "shards", train)  # text: the windows' documents
-  if train is None or not hasattr(train, "doc"):
-    return {"entropy_floor": None, "entropy_floor_reason": "the corpus keeps no documents"}
+  train = data.documents("train")
   total = sum(int(n) for n in train.doc_lengths())
   cap = config.eval.floor_max_tokens
   if total > cap:
@@ -69,8 +70,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   out = {"step": restored, **step_lib.run_evals(state, data.eval_sets())}
   if extras:
     out["corpus"] = data.name
-    more = _extras(data).checkpoint_extras(config, host_state(state), data, temperature=temperature,
-                                           sample_seed=sample_seed)
+    module = _extras(data)
+    more = {} if module is None else module.checkpoint_extras(
+        config, host_state(state), data, temperature=temperature, sample_seed=sample_seed)
     if "entropy_floor" not in more:
       more.update(entropy_floor(config, data))
     out["extras"] = more
@@ -82,7 +84,8 @@ def format_report(results: dict) -> str:
   extras = results.get("extras")
   if not extras:
     return ""
-  text = EXTRAS[results["corpus"]].format_extras(results, extras)
+  module = EXTRAS.get(results["corpus"])
+  text = "" if module is None else module.format_extras(results, extras)
   if results["corpus"] != "verbs":
     if extras.get("entropy_floor") is not None:
       text += f"\n  entropy floor (train) {extras['entropy_floor']:.4f}"

@@ -11,7 +11,8 @@ least the floor. A value below it means the model saw the future.
 
 A single batch may dip below the floor, and seq_mean or sum losses are on other
 scales; the alarm therefore uses the token-mean evaluation of the full training
-set that `train.run_evals` computes (``train_loss``).
+set that `step.run_evals` computes (``train_loss``), when that set is the training
+documents, whole (`DataSource.train_eval_whole`).
 """
 from __future__ import annotations
 
@@ -73,17 +74,16 @@ def entropy_floor(sequences: Sequence[Sequence[int]]) -> float:
 class FloorMonitor:
   """Compares each full-train-set evaluation with the floor; alarms when below."""
 
-  def __init__(self, config, source, workdir: str | None = None):
-    """source: the verbs corpus (or a DataSource whose `info` is one). For corpora
-    without whole training sequences (e.g. text windows) the monitor is disabled."""
+  def __init__(self, config, data, workdir: str | None = None):
+    """data: the DataSource. The monitor is off unless its "train" eval set is its
+    training documents, whole (`DataSource.train_eval_whole`; text windows are not)."""
     self.tolerance = float(config.eval.floor_tolerance)
     if self.tolerance < 0:
       raise ValueError(f"config.eval.floor_tolerance must be >= 0, got {self.tolerance}")
-    info = getattr(source, "info", source)
-    examples = getattr(info, "train", None)
     self.floor = None
-    if examples and all(hasattr(e, "ids") for e in examples):
-      self.floor = entropy_floor([e.ids for e in examples])
+    if data.train_eval_whole:
+      train = data.documents("train")
+      self.floor = entropy_floor([train.doc(i)[0] for i in range(len(train))])
     self.first_alarm_step = None
     self.min_margin = math.inf
     self.last_checked_step = None

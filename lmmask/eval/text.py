@@ -37,8 +37,7 @@ def _bucket(n: int) -> str:
 
 
 def _val_docs(data, cap: int):
-  val = data.info["val"]
-  val = getattr(val, "shards", val)  # text: the windows' documents
+  val = data.documents("val")
   n = len(val) if not cap else min(cap, len(val))
   return [list(map(int, val.doc(i)[0])) for i in range(n)]
 
@@ -76,11 +75,6 @@ def continuations(state, docs, tok, *, prompt_tokens: int, max_new: int, num: in
     out.append({"opening": tok.decode(d[:prompt_tokens]), "continuation": tok.decode(ids),
                 "reference": tok.decode(d[prompt_tokens:prompt_tokens + budget])})
   return out
-
-
-def results_extras(config, state, data) -> dict:
-  del config, state, data  # the loop's eval sets already give the val loss
-  return {}
 
 
 def checkpoint_extras(config, state, data, *, temperature=0.0, sample_seed=0) -> dict:

@@ -12,17 +12,15 @@
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lmmask import decode, losses
 from lmmask import step as step_lib
-from lmmask.data import pipeline, verbs
+from lmmask.data import pipeline, verbs, verbs_source
 from lmmask.eval import floor as floor_lib
 from lmmask.eval import ngram
 
@@ -37,10 +35,11 @@ def _sides(example):
   return spanish, english
 
 
-def exact_match(state, corpus, *, direction: str = "es_en", max_new_tokens: int = 8,
-                num_examples: int = 12, examples=None, temperature: float = 0.0,
-                rng=None) -> dict:
-  """Greedy (or sampled) completions of the held-out forms, scored by exact match."""
+def exact_match(state, corpus, *, direction: str, max_new_tokens: int, num_examples: int,
+                examples=None, temperature: float = 0.0, rng=None) -> dict:
+  """Greedy (or sampled with `rng`) completions of the held-out forms (or of
+  `examples`), scored by exact match. direction, max_new_tokens, num_examples: the
+  config's eval.direction, eval.max_new_tokens, eval.num_examples (0: results only)."""
   if direction not in DIRECTIONS:
     raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
   vocab = corpus.vocab
@@ -146,12 +145,10 @@ def per_character(counts: dict, metrics: dict, prefix: str = "") -> dict:
 # ---------------------------------------------------------------------------
 # Teacher-forced per-length and inference-mode (prefix recompute) losses.
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def _prefix_nll(graphdef, params, batch, col, causal):
-  model = nnx.merge(graphdef, params)
+@jax.jit
+def _prefix_nll(state, batch, col):
+  logits = step_lib.forward(state, state.params, batch, upto=col)
   cols = jnp.arange(batch.inputs.shape[1])[None, :]
-  km = batch.key_mask & (cols <= col)
-  logits = model(batch.inputs, key_mask=km, positions=batch.positions, causal=causal)
   sel = (cols == col).astype(jnp.float32) * batch.loss_mask
   nll, _, _ = losses.per_token_nll(logits, batch.targets, sel)
   correct = ((jnp.argmax(logits, -1) == batch.targets) * sel).sum()
@@ -163,8 +160,7 @@ def prefix_recompute_eval(state, batches) -> dict:
   nll = tokens = correct = 0.0
   for b in batches:
     for col in range(b.inputs.shape[1]):
-      n, t, c = jax.device_get(_prefix_nll(state.graphdef, state.params, b, col,
-                                           causal=state.causal))
+      n, t, c = jax.device_get(_prefix_nll(state, b, col))
       nll, tokens, correct = nll + float(n), tokens + float(t), correct + float(c)
   loss = nll / tokens if tokens else 0.0
   return {"loss": loss, "ppl": math.exp(loss), "accuracy": correct / tokens if tokens else 0.0,
@@ -191,7 +187,8 @@ def length_buckets(state, split, *, pad_id: int, batch_size: int) -> dict:
 
 def results_extras(config, state, data) -> dict:
   """n-gram baseline and (eval.exact_match_at_end) greedy exact match for results.json."""
-  corpus = data.info
+  del data  # the forms and their metadata come from the verbs corpus itself
+  corpus = verbs_source.corpus(config)
   out = dict(ngram.baseline_results(config, corpus))
   ev = config.eval
   if ev.exact_match_at_end:
@@ -205,14 +202,15 @@ def results_extras(config, state, data) -> dict:
 
 def checkpoint_extras(config, state, data, *, temperature=0.0, sample_seed=0) -> dict:
   """Everything `launch.py --mode=eval` adds for a verbs workdir."""
-  del temperature, sample_seed  # exact match is greedy by definition
-  corpus = data.info
+  del temperature, sample_seed, data  # exact match is greedy by definition
+  corpus = verbs_source.corpus(config)
   ev = config.eval
   pad = corpus.vocab.pad_id
   bs = config.data.eval_batch_size
   kw = dict(length=config.data.length, pad_id=pad, pad_side=config.data.pad_side)
   val_split = pipeline.pad_split(corpus.val, **kw)
-  out = {"entropy_floor": floor_lib.entropy_floor([e.ids for e in corpus.train])}
+  out = {"entropy_floor": floor_lib.entropy_floor([e.ids for e in corpus.train]),
+         "floor_tolerance": ev.floor_tolerance}
   out.update(ngram.baseline_results(config, corpus))
   out["char_counts"] = char_counts(corpus)
   out["val_by_length"] = length_buckets(state, val_split, pad_id=pad, batch_size=bs)
@@ -249,7 +247,8 @@ def format_extras(metrics: dict, extras: dict) -> str:
     note = ""
     if tl is not None:
       note = ("   BELOW THE FLOOR: the model sees the future" if tl < extras["entropy_floor"]
-              - 0.01 else "   (train_loss - floor = %.4f)" % (tl - extras["entropy_floor"]))
+              - extras["floor_tolerance"] else
+              "   (train_loss - floor = %.4f)" % (tl - extras["entropy_floor"]))
     lines.append(f"  entropy floor (train) {extras['entropy_floor']:.4f}{note}")
   if "val_inference_mode_loss" in extras:
     lines.append(f"  val loss, each prefix recomputed (inference mode): "

@@ -62,8 +62,8 @@ def config_for(ck: hf.Checkpoint):
     c.data.bos_token = ck.tokenizer.special_tokens.get("bos_token") or ""
     c.data.eos_token = ck.tokenizer.special_tokens.get("eos_token") or ""
   for f in dataclasses.fields(ck.config):
-    c.model[f.name] = getattr(ck.config, f.name)
-  c.model.dropout = 0.0  # pretrained checkpoints carry none; fine-tuning sets its own
+    if f.name != "attention":  # a speed knob, not the checkpoint's: the config's (auto) stays
+      c.model[f.name] = getattr(ck.config, f.name)  # dropout: the import's NO_DROPOUT
   c.eval.max_new_tokens = 64  # generate's default budget: a whole reply in subword tokens
   config_lib.validate(c)
   return c
@@ -89,11 +89,13 @@ def import_checkpoint(source: str, workdir: str, *, max_len: int | None = None) 
           f.write(ck.chat_template)
     data = pretrained.source(config, tmp)
     state = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                        vocab_size=data.vocab_size)
+                                        vocab_size=data.vocab_size,
+                                        keys_are_prefix=data.keys_are_prefix)
     params = state.params
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, ck.params))
     state = state.replace(params=params, opt_state=state.tx.init(params))
-    mngr = ckpt.manager(tmp, ckpt.CKPT_DIR, config.train.keep_checkpoints)
+    mngr = ckpt.manager(tmp, ckpt.CKPT_DIR, config.train.keep_checkpoints,
+                        barrier_timeout_s=config.distributed.barrier_timeout_s)
     try:
       ckpt.save(mngr, 0, state.checkpoint_tree(),
                 {"config": config_lib.to_dict(config), "imported_from": source})

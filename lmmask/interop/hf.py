@@ -54,6 +54,9 @@ _DEFAULTS = {
              "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
              "reorder_and_upcast_attn": False, "add_cross_attention": False},
 }
+# A checkpoint's decoder computes without dropout (inference): the imported config
+# records 0.0 (interop/convert.py); a fine-tuning run sets its own model.dropout.
+NO_DROPOUT = 0.0
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 DTYPES = ("float32", "bfloat16")
 
@@ -114,7 +117,8 @@ def decoder_config(source: dict, *, vocab_size: int, max_len: int | None = None)
       _refuse("activation_function", c["activation_function"], "GPT-2 needs gelu_new")
     d = int(c["n_embd"])
     return family, DecoderConfig(
-        vocab_size=vocab_size, d_model=d, n_layers=int(c["n_layer"]), n_heads=int(c["n_head"]),
+        vocab_size=vocab_size, dropout=NO_DROPOUT, attention="einsum", d_model=d,
+        n_layers=int(c["n_layer"]), n_heads=int(c["n_head"]),
         d_ff=int(c["n_inner"] or 4 * d), max_len=int(max_len or c["n_positions"]),
         gelu_approximate=True, pos_encoding="learned", norm="layernorm", mlp="gelu",
         tie_embeddings=bool(c["tie_word_embeddings"]), head_bias=False,
@@ -134,7 +138,8 @@ def decoder_config(source: dict, *, vocab_size: int, max_len: int | None = None)
   attn_bias = bool(c.get("attention_bias", False))
   kv = int(c["num_key_value_heads"] or h)
   return family, DecoderConfig(
-      vocab_size=vocab_size, d_model=d, n_layers=int(c["num_hidden_layers"]), n_heads=h,
+      vocab_size=vocab_size, dropout=NO_DROPOUT, attention="einsum", d_model=d,
+      n_layers=int(c["num_hidden_layers"]), n_heads=h,
       d_ff=int(c["intermediate_size"]), max_len=int(max_len or c["max_position_embeddings"]),
       pos_encoding="rope", rope_base=_rope_theta(c), norm="rmsnorm", mlp="swiglu",
       n_kv_heads=0 if kv == h else kv, tie_embeddings=bool(c["tie_word_embeddings"]),
@@ -332,13 +337,6 @@ def _flatten(d, prefix=()):
       yield from _flatten(v, prefix + (k,))
     else:
       yield prefix + (k,), v
-
-
-def params_of(model: Decoder) -> dict:
-  """The pure-dict params of a Decoder as float32 numpy arrays."""
-  import jax
-  return jax.tree.map(lambda x: np.asarray(x, np.float32),
-                      nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def load(path: str, *, max_len: int | None = None, pad_token: str | None = None):
