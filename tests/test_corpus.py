@@ -328,3 +328,13 @@ def test_prepare_mode_builds_what_training_reuses(tmp_path, tok_file):
 def test_a_missing_extra_says_what_to_install():
   with pytest.raises(ImportError, match=r"pip install 'lmmask\[data\]'"):
     inputs._module("lmmask_no_such_module", "pyarrow")
+
+
+def test_upgrade_moves_the_old_prepare_knobs_under_data():
+  old = {"prepare": {"vocab_size": 270, "tokenizer": "base/tokenizer.json", "shard_tokens": 99}}
+  chat = config_lib.upgrade({"data": {"corpus": "shards", "vocab_size": 512}, **old})
+  assert (chat.data.vocab_size, chat.data.tokenizer, chat.data.shard_tokens) == \
+      (270, "base/tokenizer.json", 99)  # what a shards corpus's dataset was prepared with
+  assert "vocab_size" not in chat.prepare and "tokenizer" not in chat.prepare
+  txt = config_lib.upgrade({"data": {"corpus": "text", "vocab_size": 300}, **old})
+  assert txt.data.vocab_size == 300 and txt.data.tokenizer == ""  # prepare.* never read
