@@ -7,6 +7,7 @@
   python launch.py --mode=aggregate --workdir=DIR   # sweep results.csv/.md + plots
   python launch.py --mode=generate --workdir=DIR --prompt="yo como /" [--temperature=0.8]
   python launch.py --mode=audit --workdir=DIR [--config=...]   # exits 1 on a leak
+  python launch.py --mode=prepare --config=configs/text.py --config.data.path=CORPUS --workdir=W
   python launch.py --mode=prepare --config=configs/chat.py:sft   # writes config.data.path
   python launch.py --mode=import --source=HF_DIR_OR.gguf --workdir=DIR   # docs/interop.md
   python launch.py --mode=generate --workdir=DIR --chat --prompt="Hi" --max_new_tokens=64
@@ -25,8 +26,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lmmask import cluster, lowering, multiprocess, parallel, sweep, train
+from lmmask import config as config_lib
 from lmmask import workdir as workdir_lib
-from lmmask.data import prepare
+from lmmask.data import registry
 from lmmask.eval import audit, generate, harness
 from lmmask.eval import evaluate as evaluation
 from lmmask.interop import convert as interop
@@ -38,8 +40,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "sweep", "aggregate", "generate", "audit", "prepare",
                       "import", "export", "lower", "harness"],
-    "What to run (sweep/aggregate take a configs/sweeps/ file; prepare writes "
-    "config.data.path from config.prepare and needs no --workdir; import writes a new "
+    "What to run (sweep/aggregate take a configs/sweeps/ file; prepare builds what "
+    "training in --workdir would (text), or writes config.data.path (shards, no --workdir); "
+    "import writes a new "
     "workdir from --source; export writes --out from --workdir; lower exports the train "
     "step for --platform and needs no --workdir; harness runs lm-eval --tasks on a "
     "checkpoint).")
@@ -181,8 +184,12 @@ def _data_config():
 
 def mode_prepare():
   config = _need_config("prepare")
-  meta = prepare.prepare(config)
-  print(f"wrote {config.data.path}: vocab {meta['vocab_size']}, " + ", ".join(
+  if _WORKDIR.value and os.path.isdir(_WORKDIR.value):  # never into another experiment
+    workdir_lib.claim(_WORKDIR.value, config_lib.to_dict(config))
+  meta = registry.prepare(config, _WORKDIR.value)
+  where = os.path.join(_WORKDIR.value, "data") if config.data.corpus == "text" else \
+      config.data.path
+  print(f"{where}: vocab {meta['vocab_size']}, " + ", ".join(
       f"{k} {v['num_docs']} docs / {v['num_tokens']} tokens (mask density "
       f"{v['mask_density']:.3f})" for k, v in meta["splits"].items()))
 

@@ -40,7 +40,7 @@ def get_config(arg=None):
 
   c.prepare.format = "chat" if sft else "text"
   c.prepare.num_train = 6000 if sft else 8000
-  c.prepare.tokenizer = f"{TEXT_DATA}/tokenizer.json" if sft else ""
+  c.data.tokenizer = f"{TEXT_DATA}/tokenizer.json" if sft else ""  # SFT: the base's tokenizer
 
   c.model.d_ff = 256
   c.model.max_len = 80
@@ -64,7 +64,7 @@ def get_config(arg=None):
     c.data.max_eval_docs = 32
     c.prepare.num_train = 200
     c.prepare.num_val = 24
-    c.prepare.vocab_size = 300
+    c.data.vocab_size = 300
     c.model.d_model = 32
     c.model.n_layers = 1
     c.model.n_heads = 2

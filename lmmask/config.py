@@ -50,18 +50,23 @@ def defaults() -> ConfigDict:
                                         # (" / " one token), so a new verb is known letters
   d.pack_docs_per_row = 2               # verbs packing: documents drawn per row per step
   # --- text and shards
-  d.path = ""                           # text: a file or directory; shards: a prepared dataset
-  # --- text
-  d.doc_separator = "\n\n"              # documents inside a file (paragraphs); "" = whole file
-  d.val_fraction = 0.1                  # fraction of documents held out for validation
-  d.split_seed = 0                      # seeds which documents are held out
+  d.path = ""                           # text: a file, directory or glob; shards: a dataset
+  # --- text (data/corpus.py, data/inputs.py) and --mode=prepare
+  d.doc_separator = "\n\n"              # documents inside a text file (paragraphs); "" = whole file
+  d.text_key = "text"                   # JSONL field / Parquet or Arrow column of the documents
+  d.val_fraction = 0.1                  # share of documents held out (by a hash of each one)
+  d.split_seed = 0                      # keys that hash: which documents are held out
   d.tokenizer = ""                      # an existing tokenizer.json; "" = train a byte-level BPE
   d.vocab_size = 512                    # BPE vocabulary size when training one (>= 259)
+  d.tokenizer_sample_bytes = 100 << 20  # the BPE trains on a hashed sample of this much text
+  d.workers = 0                         # preparation processes; 0 = one per core
+  d.chunk_bytes = 16 << 20              # input per unit of work (and of resumption)
+  d.max_bad_fraction = 0.0              # share of unreadable records tolerated (skipped, counted)
   d.pad_token = "<pad>"                 # special tokens (in a given tokenizer; imported: its pad)
   d.bos_token = "<bos>"
   d.eos_token = "<eos>"
   d.max_eval_batches = 0                # cap on eval batches per split; 0 = the whole split
-  d.shard_tokens = 1 << 26              # tokens per shard file
+  d.shard_tokens = 1 << 26              # at most this many tokens per shard file
   # --- shards (chat SFT and prepared pre-training data)
   d.train_split = "train"               # split directory used for training batches
   d.val_split = "val"                   # split directory used for validation
@@ -76,10 +81,7 @@ def defaults() -> ConfigDict:
   p.num_train = 8000                    # synthetic: training records
   p.num_val = 400                       # synthetic: validation records
   p.synthetic_seed = 0                  # synthetic: generator seed
-  p.tokenizer = ""                      # reuse this tokenizer.json; "" = train one
-  p.vocab_size = 512                    # BPE vocabulary size when training one
   p.max_tokens = 0                      # drop longer records (0 = data.length)
-  p.shard_tokens = 1 << 24              # tokens per shard file
   p.overwrite = False                   # replace an existing data.path
 
   c.model = m = ConfigDict()
@@ -229,6 +231,9 @@ RESUMABLE_FIELDS = frozenset({
     "model.remat", "model.scan_layers",
     "optim.grad_accum_steps",
     "train.nonfinite", "train.resume",  # "skip" after a NaN stop is how to go on
+    # Preparation knobs: a prepared corpus's own fingerprint refuses a change that matters.
+    "data.workers", "data.max_bad_fraction", "data.chunk_bytes", "data.shard_tokens",
+    "data.vocab_size", "data.tokenizer", "data.tokenizer_sample_bytes",
 })
 # Whole sections that only change how a model is evaluated or prepared, never how it
 # trains (prepare.* is read by --mode=prepare only; the dataset's identity is checked
@@ -244,6 +249,8 @@ ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(DecoderConfig)
 
 # Renamed fields: old saved name -> current name.
 RENAMED = {"data.pack": "data.packing"}
+# prepare.* knobs now under data.*: they described a "shards" corpus's dataset.
+PREPARE_MOVED = ("vocab_size", "tokenizer", "shard_tokens")
 # Fields added after workdirs already existed whose absence meant a behaviour other
 # than today's default. Every other missing field takes its default.
 ABSENT_MEANS = {"mesh.cpu_devices": 1}
@@ -347,6 +354,10 @@ def upgrade(saved: dict) -> ConfigDict:
   for old, new in RENAMED.items():
     if old in flat:
       flat.setdefault(new, flat.pop(old))
+  for f in PREPARE_MOVED:
+    old = flat.pop(f"prepare.{f}", None)
+    if old is not None and flat.get("data.corpus") == "shards":
+      flat[f"data.{f}"] = old
   base = flatten(defaults())
   for key, value in base.items():
     if key not in flat:

@@ -209,7 +209,7 @@ def check_init_from(config, workdir: str, data) -> ConfigDict:
     raise ValueError(
         f"model.vocab_size: the base run in {base} has a vocabulary of {base_vocab} tokens, "
         f"this run's data has {data.vocab_size} (config says {config.model.vocab_size}). "
-        f"Prepare the fine-tuning data with the base run's tokenizer (prepare.tokenizer).")
+        f"Prepare the fine-tuning data with the base run's tokenizer (data.tokenizer).")
   for field in config_lib.ARCH_FIELDS:
     if field == "vocab_size":
       continue
@@ -224,7 +224,7 @@ def check_init_from(config, workdir: str, data) -> ConfigDict:
     raise ValueError(
         f"data tokenizer (tokenizer_sha256): the base run was trained on data from tokenizer "
         f"{base_tok}, this data comes from {new_tok}; token ids would mean different things. "
-        f"Re-run prepare with prepare.tokenizer=<the base data's tokenizer.json>.")
+        f"Re-run prepare with data.tokenizer=<the base data's tokenizer.json>.")
   return base_cfg
 
 

@@ -29,7 +29,7 @@ def datasets(tmp_path_factory):
   text, chat = str(root / "text"), str(root / "chat")
   pre = chat_config(f"pretrain,tiny,data={text}")
   sft = chat_config(f"sft,tiny,data={chat}")
-  sft.prepare.tokenizer = text
+  sft.data.tokenizer = text
   with warnings.catch_warnings():  # tiny sizes drop a few long records, with a warning
     warnings.simplefilter("ignore", UserWarning)
     prepare.prepare(pre)
@@ -224,7 +224,7 @@ def test_init_from_architecture_mismatch_names_field(datasets, tmp_path, field, 
 def test_init_from_other_tokenizer_refused(datasets, tmp_path):
   other = str(tmp_path / "chat_other")
   c = chat_config(f"sft,tiny,data={other}")
-  c.prepare.tokenizer = ""            # a freshly trained tokenizer, same vocab size
+  c.data.tokenizer = ""            # a freshly trained tokenizer, same vocab size
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
     prepare.prepare(c)

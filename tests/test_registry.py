@@ -92,30 +92,42 @@ def _docs(split):
   return [split.doc(i) for i in range(len(split))]
 
 
-def test_legacy_text_workdir_reads_back_and_rebuilds_byte_identically(tmp_path, legacy):
+def _old_split(path, separator, val_fraction, seed):
+  """The documents and seeded split of the code that wrote the legacy text workdir
+  (every paragraph once, a permutation of the document count), as it did it."""
+  with open(path, encoding="utf-8") as f:
+    docs = list(dict.fromkeys(p.strip() for p in f.read().split(separator) if p.strip()))
+  n = len(docs)
+  n_val = min(n - 1, max(1, round(val_fraction * n)))
+  val = set(np.random.default_rng([seed, n]).permutation(n)[:n_val].tolist())
+  return {"train": [d for i, d in enumerate(docs) if i not in val],
+          "val": [d for i, d in enumerate(docs) if i in val]}
+
+
+def test_legacy_text_workdir_reads_back_as_written(tmp_path, legacy):
   cfg = ConfigDict(upgrade(_json(os.path.join(legacy, "text", "config.json"))))
   data_dir = os.path.join(legacy, "text", "data")
   meta = shards.read_meta(data_dir)  # per-split meta.json files, converted in memory
   assert meta["kind"] == "text" and set(meta["splits"]) == {"train", "val"}
   tok = tokenizer.Tokenizer.load(os.path.join(legacy, "text", "tokenizer.json"))
   assert meta["tokenizer_sha256"] == tok.sha256
-  docs, _ = text.read_documents(cfg.data.path, cfg.data.doc_separator)
-  by_split = dict(zip(("train", "val"),
-                      text.split_documents(docs, cfg.data.val_fraction, cfg.data.split_seed)))
+  by_split = _old_split(cfg.data.path, cfg.data.doc_separator, cfg.data.val_fraction,
+                        cfg.data.split_seed)
   for name, texts in by_split.items():
     got = _docs(shards.ShardSplit(data_dir, name, use_loss_mask=False))
     assert [t.tolist() for t, _ in got] == [tok.encode_document(t) for t in texts]
     assert all(m.all() for _, m in got)
-  # A fresh workdir from the same config writes the very same files.
+  # The text corpus reuses it as it is (old uint32 ids and all-ones masks, nothing rewritten).
+  before = sorted(os.listdir(os.path.join(data_dir, "train")))
+  tok2, splits = text.build(cfg, os.path.join(legacy, "text"))
+  assert tok2.sha256 == tok.sha256 and splits["train"].tokens[0].dtype == np.uint32
+  assert sorted(os.listdir(os.path.join(data_dir, "train"))) == before
+  # A fresh workdir from the same config prepares today's layout: uint16 ids, no masks.
   fresh = str(tmp_path / "fresh")
   text.build(cfg, fresh)
-  assert _same_file(os.path.join(fresh, "tokenizer.json"),
-                    os.path.join(legacy, "text", "tokenizer.json"))
-  for name in ("train", "val"):
-    for f in ("shard_000.bin", "shard_000_mask.bin"):
-      assert _same_file(os.path.join(fresh, "data", name, f), os.path.join(data_dir, name, f))
-    np.testing.assert_array_equal(np.load(os.path.join(fresh, "data", name, "docs.npy")),
-                                  np.load(os.path.join(data_dir, name, "docs.npy")))
+  new = shards.read_meta(os.path.join(fresh, "data"))
+  assert new["token_dtype"] == "uint16" and new["splits"]["train"]["shards"][0]["mask"] is None
+  assert not os.path.exists(os.path.join(fresh, "data", "train", "shard_000_mask.bin"))
 
 
 def _same_file(a, b):
@@ -141,8 +153,8 @@ def test_legacy_chat_datasets_read_back_and_rebuild_byte_identically(tmp_path, l
   c.prepare.source = "jsonl"
   c.prepare.train_file = os.path.join(src, "train.jsonl")
   c.prepare.val_file = os.path.join(src, "val.jsonl")
-  c.prepare.vocab_size = 270
-  c.prepare.tokenizer = "" if kind == "text" else os.path.join(legacy, "chat_data", "text")
+  c.data.vocab_size = 270
+  c.data.tokenizer = "" if kind == "text" else os.path.join(legacy, "chat_data", "text")
   with warnings.catch_warnings():  # tiny sizes drop a few long records, with a warning
     warnings.simplefilter("ignore", UserWarning)
     meta = prepare.prepare(c)

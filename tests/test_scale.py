@@ -10,7 +10,7 @@ from flax import nnx
 from lmmask import config as config_lib
 from lmmask import losses, masks, parallel
 from lmmask.batching import batch_from_ids, pad_sequences
-from lmmask.data import packing
+from lmmask.data import packing, text
 from lmmask.model import Decoder, DecoderConfig
 
 V = 23
@@ -181,11 +181,11 @@ def test_pack_errors_and_dropping():
 
 
 def test_both_row_policies_share_one_row_layout():
-  """first_fit (verbs) and greedy_rows (text) only choose the rows; fill_rows lays
+  """first_fit (verbs) and text.row_starts only choose the rows; fill_rows lays
   them out (segment ids 1, 2, ..., padding 0, either pad side) for both."""
   lengths = [3, 5, 2, 6, 4]
-  assert packing.greedy_rows(lengths, 8, pack=True) == [[0, 1], [2, 3], [4]]
-  assert packing.greedy_rows(lengths, 8, pack=False) == [[0], [1], [2], [3], [4]]
+  assert text.row_starts(lengths, 8, pack=True).tolist() == [0, 2, 4, 5]
+  assert text.row_starts(lengths, 8, pack=False).tolist() == [0, 1, 2, 3, 4, 5]
   # Longest first, each into the first row with room; stream order inside a row.
   assert packing.first_fit(lengths, 8) == ([[2, 3], [0, 1], [4]], [])
   pieces = [[np.array([5, 6, 7]), np.array([8, 9])], [np.array([4, 4])]]

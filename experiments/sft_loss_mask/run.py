@@ -99,7 +99,7 @@ def main(root="runs/sft_loss_mask", variant=""):
   sft_on = chat_config(f"sft,data={chat_path}{v}")
   if not os.path.exists(text_path):
     prepare.prepare(pre)
-  sft_on.prepare.tokenizer = os.path.join(text_path, shards.TOKENIZER_FILE)
+  sft_on.data.tokenizer = os.path.join(text_path, shards.TOKENIZER_FILE)
   if not os.path.exists(chat_path):
     prepare.prepare(sft_on)
   tok = tokenizer.Tokenizer.load_chat(chat_path)
@@ -117,7 +117,7 @@ def main(root="runs/sft_loss_mask", variant=""):
   for seed in seeds:
     for mask in (True, False):
       c = chat_config(f"sft,data={chat_path},mask={str(mask).lower()},seed={seed}{v}")
-      c.prepare.tokenizer = sft_on.prepare.tokenizer
+      c.data.tokenizer = sft_on.data.tokenizer
       c.train.init_from = base_dir
       wd = os.path.join(root, f"sft_mask_{'on' if mask else 'off'}_seed{seed}")
       print("fine-tuning", wd, flush=True)

@@ -16,7 +16,7 @@ Two row-assembly policies share that row layout (`fill_rows`) and shift
 (`batching.batch_from_segments`), both chosen by the one knob ``data.packing``:
   * `first_fit` (verbs): whole documents drawn for a step, longest first, each into
     the first row with room; what fits nowhere is skipped for that step;
-  * `greedy_rows` (text): windows in stream order, a new row whenever the next one
+  * `text.row_starts` (text): windows in stream order, a new row whenever the next one
     does not fit (or always, without packing), so every window is used once.
 """
 from __future__ import annotations
@@ -56,21 +56,6 @@ def first_fit(lengths: Sequence[int], length: int, rows: int | None = None):
   for r in assigned:
     r.sort()  # documents keep their stream order inside a row
   return assigned, sorted(dropped)
-
-
-def greedy_rows(lengths: Sequence[int], length: int, pack: bool) -> list[list[int]]:
-  """Rows of piece indices in stream order: a new row when the next piece does not
-  fit in `length` tokens, or for every piece when not `pack`."""
-  rows, cur, used = [], [], 0
-  for w, n in enumerate(lengths):
-    if cur and (not pack or used + n > length):
-      rows.append(cur)
-      cur, used = [], 0
-    cur.append(w)
-    used += int(n)
-  if cur:
-    rows.append(cur)
-  return rows
 
 
 def fill_rows(rows, *, length: int, pad_id: int, pad_side: str = "right", dtype=np.int32,

@@ -46,7 +46,7 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
   """The chat tokenizer: a byte-level BPE trained on ``texts`` with SPECIAL_TOKENS at
   ids 0..6."""
   return Tokenizer.chat(tokenizer.train_bpe(texts, vocab_size, SPECIAL_TOKENS,
-                                            field="prepare.vocab_size"))
+                                            field="data.vocab_size"))
 
 
 # ---------------------------------------------------------------------------
@@ -168,10 +168,10 @@ def prepare(config) -> dict:
     raise FileExistsError(f"{d.path} already exists; delete it, choose another data.path, "
                           f"or set prepare.overwrite=True")
   records = {s: read_jsonl(f, p.format) for s, f in _inputs(config).items()}
-  if p.tokenizer:
-    tok = Tokenizer.load_chat(p.tokenizer)
+  if d.tokenizer:
+    tok = Tokenizer.load_chat(d.tokenizer)
   else:
-    tok = train_tokenizer(_texts(records[d.train_split], p.format), p.vocab_size)
+    tok = train_tokenizer(_texts(records[d.train_split], p.format), d.vocab_size)
   max_tokens = p.max_tokens or d.length
   splits, dropped = {}, {}
   for s, recs in records.items():
@@ -190,8 +190,8 @@ def prepare(config) -> dict:
     tok.save(tok_path)
     meta = shards.write_dataset(
         d.path, splits, vocab_size=tok.vocab_size, pad_id=tok.pad_id, kind=p.format,
-        tokenizer_file=tok_path, shard_tokens=p.shard_tokens, overwrite=p.overwrite,
+        tokenizer_file=tok_path, shard_tokens=d.shard_tokens, overwrite=p.overwrite,
         extra={"special_tokens": list(SPECIAL_TOKENS), "dropped_too_long": dropped,
                "max_tokens": max_tokens, "source": p.source,
-               "tokenizer_from": p.tokenizer or None})
+               "tokenizer_from": d.tokenizer or None})
   return meta

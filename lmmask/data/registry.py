@@ -8,7 +8,8 @@
 """
 from __future__ import annotations
 
-from lmmask.data import chat_jsonl, pretrained, shards, text, verbs_source
+from lmmask.data import chat_jsonl, corpus, pretrained, shards, text, verbs_source
+from lmmask.data import prepare as prepare_lib
 from lmmask.data.source import DataSource
 
 
@@ -31,3 +32,19 @@ def load(config, workdir: str | None = None) -> DataSource:
     raise ValueError(f"config.data.corpus: unknown corpus {name!r}; valid: "
                      f"{', '.join(CORPORA)}")
   return _SOURCES[name](config, workdir)
+
+
+def prepare(config, workdir: str | None = None) -> dict:
+  """--mode=prepare: what training would prepare, without training; returns the meta.json.
+  text: the tokenizer and token shards in `workdir` (training there reuses them);
+  shards: the dataset at data.path from prepare.* (synthetic or JSONL chat/text)."""
+  name = config.data.corpus
+  if name == "text":
+    if not workdir:
+      raise ValueError("corpus 'text' is prepared into a workdir: pass --workdir=W (a "
+                       "training run in W then reuses it)")
+    return corpus.build(config, workdir, verify=True)
+  if name == "shards":
+    return prepare_lib.prepare(config)
+  raise ValueError(f"corpus {name!r} has nothing to prepare; --mode=prepare applies to the "
+                   f"corpora text and shards")

@@ -5,14 +5,19 @@ On-disk layout of a dataset directory (format version 1)::
     <path>/meta.json            vocab size, pad id, tokenizer file + sha256, kind,
                                 format version, per-split token/doc counts and shards
     <path>/tokenizer.json       the tokenizer the ids come from (see data/prepare.py)
-    <path>/<split>/shard_000.bin        token ids, uint32, little-endian, flat
+    <path>/<split>/shard_000.bin        token ids, little-endian, flat: uint16 when the
+                                        vocabulary fits (meta "token_dtype"), else uint32
     <path>/<split>/shard_000_mask.bin   uint8, same length: 1 = this token may count
-                                        as a target, 0 = context only
+                                        as a target, 0 = context only; absent (meta
+                                        "mask": null) for text, where every token counts
     <path>/<split>/docs.npy     int64 (num_docs, 3): (shard, start, length) of every
                                 document (one conversation, or one plain-text doc)
 
-A document never straddles two shards. Plain-text (pre-training) data has mask
-shards of all ones. This is the one token/mask format: chat and text datasets
+A document never straddles two shards. A text corpus prepared by data/corpus.py
+has no mask shards; datasets of ``--mode=prepare`` keep all-ones ones for text.
+Every shard written by data/corpus.py carries its sha256 in meta.json, checked when
+preparation resumes (`verify`); its size is checked on every open. This is the one
+token/mask format: chat and text datasets
 made by ``--mode=prepare`` and the shards a text run writes into
 ``<workdir>/data`` (kind "text"). Text workdirs written before that used one
 meta.json per split (``<path>/<split>/meta.json``, format
@@ -48,9 +53,15 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 LEGACY_SPLIT_FORMAT = "lmmask-token-shards-v1"  # per-split meta.json of older text workdirs
 INDEX_FILE = "docs.npy"
-TOKEN_DTYPE = np.dtype("<u4")
+TOKEN_DTYPE = np.dtype("<u4")      # what write_dataset writes and older datasets hold
+TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 MASK_DTYPE = np.dtype("u1")
 DENSITY_RANGE = (0.1, 0.9)   # a loss-mask density outside this range earns a warning
+
+
+def token_dtype_name(vocab_size: int) -> str:
+  """uint16 when every id of the vocabulary fits, else uint32."""
+  return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
 def shard_file(i: int) -> str:
@@ -252,15 +263,21 @@ class ShardSplit:
     info = self.meta["splits"][split]
     d = os.path.join(path, split)
     self.tokens, masks, missing = [], [], []
+    dtype = TOKEN_DTYPES[self.meta.get("token_dtype", "uint32")]
     for i, s in enumerate(info["shards"]):
-      tpath, mpath = os.path.join(d, s["tokens"]), os.path.join(d, s["mask"])
+      tpath = os.path.join(d, s["tokens"])
+      mpath = os.path.join(d, s["mask"]) if s.get("mask") else None
       if not os.path.exists(tpath):
         raise FileNotFoundError(f"token shard {tpath} listed in {META_FILE} is missing")
-      n_tok = _file_len(tpath, TOKEN_DTYPE)
+      n_tok = _file_len(tpath, dtype)
       if n_tok != s["num_tokens"]:
         raise ValueError(f"{tpath} holds {n_tok} tokens but {META_FILE} says "
                          f"{s['num_tokens']}; the dataset is damaged, re-run prepare")
-      self.tokens.append(np.memmap(tpath, dtype=TOKEN_DTYPE, mode="r", shape=(n_tok,)))
+      self.tokens.append(np.memmap(tpath, dtype=dtype, mode="r", shape=(n_tok,)) if n_tok
+                         else np.zeros(0, dtype))
+      if mpath is None:
+        masks.append(None)
+        continue
       if not os.path.exists(mpath):
         missing.append(mpath)
         masks.append(None)
@@ -281,13 +298,16 @@ class ShardSplit:
       raise ValueError(f"data.use_loss_mask=True but {len(missing)} of {len(masks)} mask "
                        f"shard(s) are missing; expected: {missing}. Create them with prepare, "
                        f"or set data.use_loss_mask=False to count every token.")
-    self.masks = None if missing else masks
-    self.index = np.load(os.path.join(d, INDEX_FILE))
+    if self.use_loss_mask and info["shards"] and not info["shards"][0].get("mask"):
+      raise ValueError(f"data.use_loss_mask=True but {path}/{split} has no mask shards (a "
+                       f"text corpus: every token counts); set data.use_loss_mask=False")
+    self.masks = None if missing or any(m is None for m in masks) else masks
+    self.index = np.load(os.path.join(d, INDEX_FILE), mmap_mode="r")
     if self.index.ndim != 2 or self.index.shape[1] != 3 or len(self.index) != info["num_docs"]:
       raise ValueError(f"{os.path.join(d, INDEX_FILE)} has shape {self.index.shape}, expected "
                        f"({info['num_docs']}, 3); re-run prepare")
     ends = self.index[:, 1] + self.index[:, 2]
-    sizes = np.array([t.size for t in self.tokens])[self.index[:, 0]]
+    sizes = np.array([t.size for t in self.tokens], np.int64)[self.index[:, 0]]
     if (self.index[:, 2] < 1).any() or (ends > sizes).any():
       raise ValueError(f"{INDEX_FILE} of {path}/{split} points outside its shards; "
                        f"re-run prepare")
@@ -320,6 +340,22 @@ class ShardSplit:
 
   def doc_lengths(self) -> np.ndarray:
     return self.index[:, 2]
+
+
+def verify(path: str) -> list[str]:
+  """Every shard of a dataset whose size or sha256 differs from its meta.json entry
+  (shards written without a sha256 are checked by size only)."""
+  meta = read_meta(path)
+  dtype = TOKEN_DTYPES[meta.get("token_dtype", "uint32")]
+  bad = []
+  for name, info in meta["splits"].items():
+    for s in info["shards"]:
+      f = os.path.join(path, name, s["tokens"])
+      if not os.path.exists(f) or os.path.getsize(f) != s["num_tokens"] * dtype.itemsize:
+        bad.append(f)
+      elif s.get("sha256") and sha256_file(f) != s["sha256"]:
+        bad.append(f)
+  return bad
 
 
 # ---------------------------------------------------------------------------

@@ -1,112 +1,36 @@
-"""Plain-text pre-training: documents -> byte-level BPE -> token shards -> windows.
+"""Text pre-training: a corpus -> byte-level BPE -> token shards -> windows.
 
-Documents: every file under `data.path` (a file or a directory, read in sorted
-order, symlinked and identical files once) is cut into documents at
-`data.doc_separator` (default: blank lines, i.e. paragraphs; "" keeps each file
-whole). Exact duplicate documents are dropped, then a seeded fraction of the
-documents is held out for validation: the split is by document, never by line.
-
-Tokenizer: a byte-level BPE (lmmask/data/tokenizer.py) trained on the training
-documents only (vocabulary size from the config) and saved as
-`<workdir>/tokenizer.json`, or an existing tokenizer.json named in the config.
-
-Token shards: `<workdir>/data` is a dataset in the one shard format
-(lmmask/data/shards.py, kind "text"): splits `train` and `val`, each
-`shard_NNN.bin` (uint32 ids, documents back to back, each <bos> tokens <eos>),
-`shard_NNN_mask.bin` (all ones) and `docs.npy`; the root meta.json records a
-fingerprint of the inputs (text, tokenizer, settings). It is written once, into
-a temporary directory renamed into place, then only memory-mapped; a later run
-whose inputs differ is refused.
+Preparation (data/corpus.py, from the inputs of data/inputs.py): documents are read
+from `data.path` (plain text cut at `data.doc_separator`, JSONL, Parquet, Arrow,
+compressed or already tokenized), exact duplicates are dropped, each document is held
+out for validation by a hash of its content and `data.split_seed`, a byte-level BPE is
+trained on a bounded sample of the training documents into `<workdir>/tokenizer.json`
+(or `data.tokenizer` names one), and the tokens are written to `<workdir>/data` in the
+one shard format (data/shards.py, kind "text": uint16 or uint32 ids, no mask), with a
+fingerprint of the inputs and settings: a later run reuses them while it matches and
+refuses other inputs. Workdirs written before (uint32 ids with all-ones masks, one
+meta.json per split) are read as they are.
 
 Windows: a document of n tokens gives windows of at most `data.length` tokens
 starting every length-1 tokens, so each next-token pair is a target exactly once
 and no window holds two documents. A full window fills a row; shorter windows
-are packed several to a row (`packing.greedy_rows`; segment ids keep them apart
-and restart their positions) or, with `data.packing=False`, padded one to a row.
+are packed several to a row (consecutive windows while they fit; segment ids keep
+them apart and restart their positions) or, with `data.packing=False`, padded one to
+a row. Windows and rows are numpy arrays computed without a Python loop over documents.
 """
 from __future__ import annotations
 
-import hashlib
 import os
+from array import array
 
 import numpy as np
 
 from lmmask import batching
+from lmmask.data import corpus, pipeline, shards
 from lmmask.data import packing as packing_lib
-from lmmask.data import pipeline, shards, tokenizer
 from lmmask.data.source import SPLITS, DataSource
-from lmmask.data.tokenizer import TOKENIZER_FILE
 
-DATA_DIR = "data"  # <workdir>/data: the run's token shards
-
-
-# ---------------------------------------------------------------------------
-# Documents.
-
-def list_files(path: str) -> list[str]:
-  """Readable files under `path` (itself if a file), sorted, each real file once."""
-  path = os.path.expanduser(path)
-  if not path:
-    raise ValueError("config.data.path is empty; set it to a text file or a directory")
-  if os.path.isfile(path):
-    return [path]
-  if not os.path.isdir(path):
-    raise ValueError(f"config.data.path={path!r} is neither a file nor a directory")
-  out, seen = [], set()
-  for root, dirs, files in os.walk(path, followlinks=False):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    for name in sorted(files):
-      full = os.path.join(root, name)
-      real = os.path.realpath(full)
-      if name.startswith(".") or real in seen or not os.path.isfile(real):
-        continue
-      seen.add(real)
-      out.append(full)
-  if not out:
-    raise ValueError(f"no files under {path!r}")
-  return out
-
-
-def read_documents(path: str, separator: str = "\n\n") -> tuple[list[str], str]:
-  """All documents (stripped, non-empty, exact duplicates once) and a content hash."""
-  docs, seen = [], set()
-  h = hashlib.sha256()
-  skipped = []
-  for f in list_files(path):
-    with open(f, "rb") as fh:
-      raw = fh.read()
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-      skipped.append(f)
-      continue
-    h.update(hashlib.sha256(raw).digest())
-    parts = text.split(separator) if separator else [text]
-    for part in parts:
-      part = part.strip()
-      if part and part not in seen:
-        seen.add(part)
-        docs.append(part)
-  if skipped and not docs:
-    raise ValueError(f"no UTF-8 text under {path!r} ({len(skipped)} non-UTF-8 file(s), "
-                     f"e.g. {skipped[0]})")
-  return docs, h.hexdigest()
-
-
-def split_documents(docs, val_fraction: float, seed: int):
-  """(train, val) lists of documents; val holds round(fraction * n) >= 1 of them."""
-  n = len(docs)
-  if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-  if n < 2:
-    raise ValueError(f"found {n} document(s); a held-out split by document needs at "
-                     f"least 2. Use a directory of files or a data.doc_separator that "
-                     f"occurs in the text (e.g. a blank line)")
-  n_val = min(n - 1, max(1, round(val_fraction * n)))
-  val_idx = set(np.random.default_rng([seed, n]).permutation(n)[:n_val].tolist())
-  train = [d for i, d in enumerate(docs) if i not in val_idx]
-  val = [d for i, d in enumerate(docs) if i in val_idx]
-  return train, val
+DATA_DIR = corpus.DATA_DIR  # <workdir>/data: the run's token shards
 
 
 # ---------------------------------------------------------------------------
@@ -121,13 +45,35 @@ def make_windows(doc_lengths, length: int) -> np.ndarray:
   """
   if length < 2:
     raise ValueError(f"data.length must be >= 2, got {length}")
-  out = []
-  for d, n in enumerate(doc_lengths):
-    start = 0
-    while start + 1 < n:
-      out.append((d, start, min(length, n - start)))
-      start += length - 1
-  return np.asarray(out, np.int64).reshape(-1, 3)
+  n = np.asarray(doc_lengths, np.int64)
+  stride = length - 1
+  count = np.where(n >= 2, (n - 2) // stride + 1, 0)
+  doc = np.repeat(np.arange(n.size, dtype=np.int64), count)
+  first = np.zeros(n.size, np.int64)
+  np.cumsum(count[:-1], out=first[1:])
+  start = (np.arange(doc.size, dtype=np.int64) - first[doc]) * stride
+  return np.stack([doc, start, np.minimum(length, n[doc] - start)], 1).reshape(-1, 3)
+
+
+def row_starts(lengths, length: int, pack: bool) -> np.ndarray:
+  """(R + 1,) int64: row r holds windows [starts[r], starts[r+1]): consecutive windows
+  while they fit in `length` tokens when packing, else one window a row."""
+  n = np.asarray(lengths, np.int64)
+  if not pack or n.size == 0:
+    return np.arange(n.size + 1, dtype=np.int64)
+  ends = np.zeros(n.size + 1, np.int64)
+  np.cumsum(n, out=ends[1:])
+  # A row starting at window i ends before the first window that would overflow it.
+  nxt = np.searchsorted(ends, ends[:-1] + length, side="right") - 1
+  nxt = np.maximum(nxt, np.arange(1, n.size + 1))
+  hop = array("q", nxt.tobytes())
+  out = array("q")
+  i = 0
+  while i < n.size:
+    out.append(i)
+    i = hop[i]
+  out.append(n.size)
+  return np.frombuffer(out, np.int64)
 
 
 class TextSplit:
@@ -139,14 +85,18 @@ class TextSplit:
       raise ValueError("packed rows are right-padded; set data.pad_side='right' or "
                        "data.packing=False")
     self.shards, self.length, self.pad_id, self.pad_side = split, length, pad_id, pad_side
-    self.windows = make_windows([int(n) for n in split.doc_lengths()], length)
-    self.rows = packing_lib.greedy_rows(self.windows[:, 2], length, packing)
-    if not self.rows:
+    self.windows = make_windows(split.doc_lengths(), length)
+    self.starts = row_starts(self.windows[:, 2], length, packing)
+    if not len(self):
       raise ValueError("this split has no window with a target (all documents shorter "
                        "than 2 tokens)")
 
   def __len__(self):
-    return len(self.rows)
+    return len(self.starts) - 1
+
+  def row(self, r: int) -> range:
+    """The window indices of row `r`."""
+    return range(int(self.starts[r]), int(self.starts[r + 1]))
 
   def window(self, w: int):
     """(tokens, mask) of window `w`; the mask is all ones where the shards have none."""
@@ -155,7 +105,7 @@ class TextSplit:
 
   def row_arrays(self, rows):
     """ids, token loss mask and segment ids, each (len(rows), length)."""
-    pieces = [[self.window(w) for w in self.rows[row]] for row in rows]
+    pieces = [[self.window(w) for w in self.row(int(r))] for r in rows]
     ids, seg, tlm = packing_lib.fill_rows(pieces, length=self.length, pad_id=self.pad_id,
                                           pad_side=self.pad_side, dtype=np.int64,
                                           with_mask=True)
@@ -185,45 +135,18 @@ class TextSplit:
 # ---------------------------------------------------------------------------
 # The corpus "text" (lmmask/data/registry.py).
 
-def _tokenizer(config, workdir: str, train_docs) -> tokenizer.Tokenizer:
-  d = config.data
-  specials = dict(pad_token=d.pad_token, bos_token=d.bos_token, eos_token=d.eos_token)
-  if d.tokenizer:
-    return tokenizer.Tokenizer.load(os.path.expanduser(d.tokenizer), **specials)
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(path):
-    tokenizer.save_atomic(tokenizer.train_bpe(
-        train_docs, d.vocab_size, (d.pad_token, d.bos_token, d.eos_token)), path)
-  return tokenizer.Tokenizer.load(path, **specials)
-
-
 def build(config, workdir: str):
-  """(tokenizer, {split: ShardSplit}, val documents) for `config`: the tokenizer and
-  token shards are built once in `workdir` and reused while the inputs match."""
+  """(tokenizer, {split: ShardSplit}) for `config`: the tokenizer and token shards are
+  prepared once in `workdir` (data/corpus.py) and reused while the inputs match."""
   d = config.data
-  docs, text_hash = read_documents(d.path, d.doc_separator)
-  train_docs, val_docs = split_documents(docs, d.val_fraction, d.split_seed)
-  tok = _tokenizer(config, workdir, train_docs)
-  fingerprint = {"text_sha256": text_hash, "tokenizer_sha256": tok.sha256,
-                 "doc_separator": d.doc_separator, "val_fraction": d.val_fraction,
-                 "split_seed": d.split_seed}
+  meta = corpus.build(config, workdir)
+  tok = corpus.load_tokenizer(d, corpus.tokenizer_path(d, workdir))
+  if tok.sha256 != meta["tokenizer_sha256"]:
+    raise ValueError(f"{workdir}/{DATA_DIR} was tokenized by another tokenizer than "
+                     f"{tok.path}; use a new --workdir")
   out = os.path.join(workdir, DATA_DIR)
-  if not os.path.exists(out):
-    shards.write_dataset(
-        out, {name: ([tok.encode_document(t) for t in texts], None)
-              for name, texts in (("train", train_docs), ("val", val_docs))},
-        vocab_size=tok.vocab_size, pad_id=tok.pad_id, kind="text", tokenizer_file=tok.path,
-        shard_tokens=d.shard_tokens,
-        extra={"fingerprint": fingerprint, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-               "source": os.path.abspath(os.path.expanduser(d.path))})
-  saved = shards.read_meta(out).get("fingerprint") or {}
-  if saved != fingerprint:
-    diff = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
-    raise ValueError(f"the token shards in {out} were built from other inputs (differs: "
-                     f"{', '.join(diff)}); the text or tokenizer changed since. Use a new "
-                     f"--workdir")
   splits = {name: shards.ShardSplit(out, name, use_loss_mask=False) for name in ("train", "val")}
-  return tok, splits, val_docs
+  return tok, splits
 
 
 def source(config, workdir: str | None) -> DataSource:
@@ -231,7 +154,7 @@ def source(config, workdir: str | None) -> DataSource:
   if not workdir:
     raise ValueError("corpus 'text' needs a workdir: its tokenizer and token shards are "
                      "built there (pass --workdir)")
-  tok, splits, _ = build(config, workdir)
+  tok, splits = build(config, workdir)
   kw = dict(length=d.length, packing=d.packing, pad_id=tok.pad_id, pad_side=d.pad_side)
   train, val = TextSplit(splits["train"], **kw), TextSplit(splits["val"], **kw)
 

@@ -143,7 +143,7 @@ class Tokenizer:
     if ids != expected:
       raise ValueError(f"tokenizer {path or ''} has special tokens at {ids}, chat data "
                        f"needs the fixed ids {expected}; train it with --mode=prepare and "
-                       f"prepare.tokenizer=''")
+                       f"data.tokenizer=''")
     return cls(tok, role_tokens=CHAT_ROLE_TAGS, end_token=CHAT_END, path=path)
 
   @classmethod
