@@ -428,10 +428,6 @@ def _read_table(inp: Input, chunk: Chunk, d):
       pq = _module("pyarrow.parquet", "pyarrow")
       pf = pq.ParquetFile(inp.path)
       names = pf.schema_arrow.names
-      parts = range(chunk.start, chunk.end)
-      if key not in names:
-        yield None, f"{inp.path}: no column {key!r} (data.text_key); columns: {names}"
-        return
 
       def part(j):
         return pf.read_row_group(j, columns=[key])
@@ -440,14 +436,14 @@ def _read_table(inp: Input, chunk: Chunk, d):
       src = pa.memory_map(inp.path)
       r = pa.ipc.open_file(src)
       names = r.schema.names
-      parts = range(chunk.start, chunk.end)
-      if key not in names:
-        yield None, f"{inp.path}: no column {key!r} (data.text_key); columns: {names}"
-        return
 
       def part(j):
         return r.get_batch(j)
       label = "record batch"
+    parts = range(chunk.start, chunk.end)
+    if key not in names:
+      yield None, f"{inp.path}: no column {key!r} (data.text_key); columns: {names}"
+      return
   except (pa.ArrowInvalid, OSError) as e:
     yield None, f"{inp.path}: not a readable {inp.fmt} file ({e})"
     return
